@@ -1,0 +1,11 @@
+PYTHON ?= python3
+
+.PHONY: install test
+
+# The CPU build of torch first, so that the project's range (torch>=2.4,<3) installs nothing more.
+install:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest

@@ -1,0 +1,108 @@
+"""What the stages hand each other on disk.
+
+data/raw/        whole dataset as received: `<split>.parquet` (encoded image bytes, source path,
+                 integer label; Hugging Face `Image`/`ClassLabel` features) and `classes.json`.
+data/processed/  the drawn shares as safetensors: `pixels` uint8 N×3×H×W, `labels` int64, and
+                 `index` int64 (the row in the raw split, so later stages can find the original file).
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from sklearn.model_selection import train_test_split
+
+from stages.errors import PipelineError
+
+RAW_DIR = Path("data/raw")
+PROCESSED_DIR = Path("data/processed")
+SPLITS = ("train", "test")
+PROCESSED_SPLITS = ("train", "val", "test")
+
+
+def raw_path(split: str, root: Path = RAW_DIR) -> Path:
+    return root / f"{split}.parquet"
+
+
+def read_classes(root: Path = RAW_DIR) -> list[str]:
+    path = root / "classes.json"
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the download stage first (dvc repro download)")
+    return json.loads(path.read_text())
+
+
+def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
+    """Columns: image (encoded bytes), path (where the image came from), label (int)."""
+    path = raw_path(split, root)
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the download stage first (dvc repro download)")
+    frame = pd.read_parquet(path)
+    return pd.DataFrame(
+        {"image": frame["image"].map(lambda cell: cell["bytes"]), "path": frame["image"].map(lambda cell: cell["path"]), "label": frame["label"]}
+    )
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Decode one image fully; a corrupt file is named in the error, not discovered mid-training."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several unrelated types for bad data
+        raise PipelineError(f"image {name} cannot be decoded ({type(err).__name__}: {err}); remove or replace it in data.source") from None
+
+
+def stratified_share(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Indices of a `share` of `labels`, drawn stratified by class with `seed`, in ascending order."""
+    indices = np.arange(len(labels))
+    if share >= 1:
+        return indices
+    picked, _ = train_test_split(indices, train_size=share, stratify=labels, random_state=seed)
+    return np.sort(picked)
+
+
+def split_off(indices: np.ndarray, labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split `indices` into (rest, held-out share), stratified by their labels."""
+    rest, held = train_test_split(indices, test_size=share, stratify=labels[indices], random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+@dataclass
+class TensorSplit:
+    pixels: torch.Tensor  # uint8 N×3×H×W
+    labels: torch.Tensor  # int64 N
+    index: torch.Tensor  # int64 N, row in the raw split
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def processed_path(split: str, root: Path = PROCESSED_DIR) -> Path:
+    return root / f"{split}.safetensors"
+
+
+def save_split(split: TensorSplit, path: Path) -> None:
+    assert split.pixels.dtype == torch.uint8 and split.pixels.ndim == 4 and split.pixels.shape[1] == 3
+    save_file(
+        {"pixels": split.pixels.contiguous(), "labels": split.labels.to(torch.int64), "index": split.index.to(torch.int64)},
+        str(path),
+        metadata={"classes": json.dumps(split.classes)},
+    )
+
+
+def load_split(name: str, root: Path = PROCESSED_DIR) -> TensorSplit:
+    path = processed_path(name, root)
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    with safe_open(str(path), framework="pt") as fh:
+        classes = json.loads(fh.metadata()["classes"])
+    tensors = load_file(str(path))
+    return TensorSplit(tensors["pixels"], tensors["labels"], tensors["index"], classes)

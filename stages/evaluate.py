@@ -1,0 +1,110 @@
+"""Stage 4: test accuracy with its 95% interval, per-class precision/recall/F1, confusion matrix.
+
+Writes metrics/eval.json (accuracy 0-1 and the number of test images), metrics/eval_per_class.csv,
+metrics/test_predictions.csv (one row per test image: the DVC confusion plot and the export check
+read it) and metrics/confusion_matrix.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report
+from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
+from stages import tracking
+from stages.dataformat import TensorSplit, load_split
+from stages.errors import PipelineError, run_stage
+from stages.finetune import FINETUNED_DIR
+from stages.hardware import pick_device_and_precision
+from stages.modeling import PixelTransform
+from stages.params import load_params
+
+METRICS_FILE = Path("metrics/eval.json")
+PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
+PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
+CONFUSION_PNG = Path("metrics/confusion_matrix.png")
+
+
+@torch.inference_mode()
+def predict(model_dir: Path, split: TensorSplit, batch_size: int, device: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, its softmax probability) for every image, in batches."""
+    model = AutoModelForImageClassification.from_pretrained(model_dir).to(device, memory_format=torch.channels_last).eval()
+    transform = PixelTransform(AutoImageProcessor.from_pretrained(model_dir))
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    preds, confidences = [], []
+    for start in tqdm(range(0, len(split), batch_size), desc="evaluate", unit="batch"):
+        pixels = transform(split.pixels[start : start + batch_size].to(device))
+        with autocast:
+            logits = model(pixel_values=pixels).logits.float()
+        probs = logits.softmax(-1)
+        confidence, pred = probs.max(-1)
+        preds.append(pred.cpu())
+        confidences.append(confidence.cpu())
+    return torch.cat(preds), torch.cat(confidences)
+
+
+def save_confusion_png(actual: list[str], predicted: list[str], classes: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(classes), 1 + 0.6 * len(classes)))
+    ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=classes, ax=ax, xticks_rotation=45, colorbar=False)
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    params = load_params()
+    if not (FINETUNED_DIR / "config.json").exists():
+        raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
+    test = load_split("test")
+    device, precision = pick_device_and_precision(params.train.precision)
+    started = time.perf_counter()
+    preds, confidences = predict(FINETUNED_DIR, test, params.evaluate.batch_size, device, precision)
+    seconds = time.perf_counter() - started
+
+    correct = int((preds == test.labels).sum())
+    n = len(test)
+    interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    actual = [test.classes[i] for i in test.labels.tolist()]
+    predicted = [test.classes[i] for i in preds.tolist()]
+    report = classification_report(actual, predicted, labels=test.classes, output_dict=True, zero_division=0)
+    metrics = {
+        "accuracy": correct / n,
+        "accuracy_ci95_low": interval.low,
+        "accuracy_ci95_high": interval.high,
+        "test_images": n,
+        "macro_f1": report["macro avg"]["f1-score"],
+        "eval_images_per_second": round(n / seconds, 2),
+    }
+
+    METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+    per_class = pd.DataFrame(report).T.loc[test.classes].rename_axis("class").reset_index()
+    per_class.to_csv(PER_CLASS_FILE, index=False)
+    pd.DataFrame({"index": test.index.numpy(), "actual": actual, "predicted": predicted, "confidence": confidences.numpy()}).to_csv(
+        PREDICTIONS_FILE, index=False
+    )
+    save_confusion_png(actual, predicted, test.classes, CONFUSION_PNG)
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f} (95% CI {interval.low:.4f}-{interval.high:.4f}) on {n} test images")
+
+    with tracking.pipeline_run(params):
+        tracking.log_metrics({"test_" + k.removeprefix("test_"): v for k, v in metrics.items()})
+        tracking.log_metrics({f"test_f1.{row['class']}": row["f1-score"] for row in per_class.to_dict("records")})
+        for path in (CONFUSION_PNG, PER_CLASS_FILE):
+            tracking.log_artifact(path)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,190 @@
+"""Stage 3: fine-tune `model.name` on the processed train share with the transformers Trainer.
+
+A fresh head sized to the data's classes replaces the pretrained one. The Trainer evaluates on the
+validation share and checkpoints every epoch, keeps the best epoch by validation accuracy, and,
+when the stage is re-run after an interruption with the same inputs, resumes from the last
+checkpoint. Writes the best model to models/finetuned/ and the per-epoch curves to metrics/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from stages import tracking
+from stages.dataformat import PROCESSED_SPLITS, TensorSplit, load_split, processed_path
+from stages.errors import PipelineError, run_stage
+from stages.hardware import pick_device_and_precision
+from stages.modeling import PixelTransform, check_model_name, load_pretrained
+from stages.params import Params, load_params
+
+CHECKPOINT_DIR = Path("models/checkpoints")
+FINETUNED_DIR = Path("models/finetuned")
+FINGERPRINT_FILE = CHECKPOINT_DIR / "inputs.json"
+METRICS_FILE = Path("metrics/finetune.json")
+EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Items of a processed split as uint8 tensors; training items are flipped at random."""
+
+    def __init__(self, split: TensorSplit, augment: bool):
+        self.split, self.augment = split, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pixels = self.split.pixels[i]
+        if self.augment and torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        return {"pixel_values": pixels, "labels": self.split.labels[i]}
+
+
+class Collate:
+    """Stack uint8 items and resize/normalise the whole batch at once."""
+
+    def __init__(self, transform: PixelTransform):
+        self.transform = transform
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([item["pixel_values"] for item in items])
+        return {"pixel_values": self.transform(pixels), "labels": torch.stack([item["labels"] for item in items])}
+
+
+def accuracy(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, params: Params) -> None:
+    """One tiny forward pass, so a model that cannot take these inputs fails now, not mid-epoch."""
+    batch = collate([PixelDataset(split, augment=False)[i] for i in range(min(2, len(split)))])
+    try:
+        with torch.no_grad():
+            model.eval()(**batch)
+    except (RuntimeError, ValueError) as err:
+        raise PipelineError(
+            f"model.name={params.model.name!r} cannot classify {tuple(batch['pixel_values'].shape[1:])} inputs "
+            f"(model.image_size={params.model.image_size}): {str(err).splitlines()[0]}"
+        ) from None
+    model.train()
+
+
+def inputs_fingerprint(params: Params) -> dict:
+    """What the checkpoints depend on: resuming is only safe when all of it is unchanged."""
+    digests = {name: hashlib.sha256(processed_path(name).read_bytes()).hexdigest() for name in PROCESSED_SPLITS}
+    return {"seed": params.seed, "model": params.model.name, "train": vars(params.train), "data": digests}
+
+
+def prepare_checkpoints(fingerprint: dict) -> str | None:
+    """The checkpoint to resume from, or None after clearing checkpoints made from other inputs."""
+    if FINGERPRINT_FILE.exists() and json.loads(FINGERPRINT_FILE.read_text()) == fingerprint:
+        last = get_last_checkpoint(str(CHECKPOINT_DIR))
+        if last:
+            print(f"finetune: resuming from {last}")
+            return last
+    if CHECKPOINT_DIR.exists():
+        shutil.rmtree(CHECKPOINT_DIR)
+    CHECKPOINT_DIR.mkdir(parents=True)
+    FINGERPRINT_FILE.write_text(json.dumps(fingerprint, indent=2))
+    return None
+
+
+def epoch_table(log_history: list[dict]) -> pd.DataFrame:
+    """One row per epoch: train_loss (mean over the epoch), val_loss, val_accuracy."""
+    rows: dict[int, dict] = {}
+    for entry in log_history:
+        epoch = int(round(entry.get("epoch", 0)))
+        if "loss" in entry:
+            rows.setdefault(epoch, {})["train_loss"] = entry["loss"]
+        if "eval_accuracy" in entry:
+            rows.setdefault(epoch, {}).update(val_loss=entry["eval_loss"], val_accuracy=entry["eval_accuracy"])
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("epoch").reset_index()
+    return table.sort_values("epoch")[["epoch", "train_loss", "val_loss", "val_accuracy"]]
+
+
+def main() -> None:
+    params = load_params()
+    check_model_name(params.model.name)
+    train, val = load_split("train"), load_split("val")
+    device, precision = pick_device_and_precision(params.train.precision)
+    set_seed(params.seed)  # the new head's initial weights
+    model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
+    model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
+    collate = Collate(PixelTransform(processor))
+    check_forward(model, collate, train, params)
+    resume = prepare_checkpoints(inputs_fingerprint(params))
+
+    args = TrainingArguments(
+        output_dir=str(CHECKPOINT_DIR),
+        num_train_epochs=params.train.epochs,
+        per_device_train_batch_size=params.train.batch_size,
+        per_device_eval_batch_size=params.train.batch_size,
+        learning_rate=params.train.lr,
+        weight_decay=params.train.weight_decay,  # AdamW; the Trainer exempts biases and norms
+        warmup_steps=params.train.warmup_ratio,  # a float below 1 is a share of all steps
+        lr_scheduler_type="cosine",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        save_total_limit=2,  # the best epoch and the last, to resume from
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        seed=params.seed,
+        data_seed=params.seed,
+        dataloader_num_workers=0,  # the data is already in memory
+        remove_unused_columns=False,
+        report_to="none",  # tracking.pipeline_run logs to MLflow, one run per pipeline execution
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=PixelDataset(train, augment=params.train.augment),
+        eval_dataset=PixelDataset(val, augment=False),
+        data_collator=collate,
+        processing_class=processor,
+        compute_metrics=accuracy,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+
+    if FINETUNED_DIR.exists():
+        shutil.rmtree(FINETUNED_DIR)
+    trainer.save_model(str(FINETUNED_DIR))  # the best epoch: load_best_model_at_end put it back
+    epochs = epoch_table(trainer.state.log_history)
+    best = epochs.loc[epochs["val_accuracy"].idxmax()]
+    summary = {
+        "best_epoch": int(best["epoch"]),
+        "best_val_accuracy": float(best["val_accuracy"]),
+        "train_images": len(train),
+        "val_images": len(val),
+        "train_seconds": round(seconds, 2),
+        "train_images_per_second": round(result.metrics["train_samples_per_second"], 2),
+    }
+    EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    epochs.to_csv(EPOCHS_FILE, index=False)
+    METRICS_FILE.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"finetune: best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
+
+    with tracking.pipeline_run(params):
+        tracking.set_tags({"hardware.device": device, "hardware.precision": precision})
+        for row in epochs.to_dict("records"):
+            tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
+        tracking.log_metrics({k: v for k, v in summary.items()})
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,64 @@
+"""What the run ran on, and which device and precision a stage uses."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import psutil
+import torch
+
+VERSIONED = ("torch", "transformers", "datasets", "dvc", "mlflow")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def describe() -> dict[str, str]:
+    """Hardware and library versions, as flat string tags."""
+    info = {
+        "hardware.cpu": cpu_model(),
+        "hardware.cpu_cores": str(psutil.cpu_count(logical=True) or os.cpu_count()),
+        "hardware.ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "hardware.gpu_count": str(torch.cuda.device_count()),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["hardware.gpu"] = props.name
+        info["hardware.gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
+    info.update({f"version.{p}": _version(p) for p in VERSIONED})
+    return info
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16; without them bf16 on the CPU is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_device_and_precision(precision: str) -> tuple[str, str]:
+    """(device, precision) actually used: `auto` picks bf16 where the hardware runs it natively."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_fast_bf16()
+        precision = "bf16" if fast else "fp32"
+    return device, precision

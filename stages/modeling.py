@@ -1,0 +1,98 @@
+"""Building the model to fine-tune, and turning stored uint8 pixels into what it expects.
+
+`model.name` is one of:
+- `efficientnet-lite0`: the embedded ImageNet backbone (stages/efficientnet_lite.py);
+- a local directory written by `save_pretrained` (the offline twin of a Hub model);
+- a Hugging Face Hub id such as `google/vit-base-patch16-224`.
+The last two take the same `from_pretrained` path, with the classifier head replaced.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+from stages import efficientnet_lite
+from stages.errors import PipelineError
+from stages.hub import check_on_hub, looks_like_hub_id, offline
+
+OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
+
+
+def check_model_name(name: str) -> None:
+    """Fail in seconds on a model that cannot be loaded, before any data is read."""
+    if name == efficientnet_lite.NAME:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PipelineError(f"model.name={name!r} is a folder without config.json; give a directory written by save_pretrained")
+        return
+    if not looks_like_hub_id(name):
+        raise PipelineError(f"model.name={name!r}: no such directory, and not a Hub id; {OFFLINE_HINT}")
+    if not _in_local_cache(name):
+        check_on_hub(name, "model", "model.name", OFFLINE_HINT)
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or offline()
+
+
+def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
+    """(model with a fresh `len(classes)`-way head, its image processor, resized to `image_size` if given)."""
+    id2label = dict(enumerate(classes))
+    if name == efficientnet_lite.NAME:
+        model, processor = efficientnet_lite.from_imagenet(id2label), efficientnet_lite.image_processor()
+    else:
+        model = AutoModelForImageClassification.from_pretrained(
+            name, num_labels=len(classes), id2label=id2label, label2id={c: i for i, c in id2label.items()}, ignore_mismatched_sizes=True
+        )
+        processor = AutoImageProcessor.from_pretrained(name)
+    if image_size:
+        # Saved with the model, so the exported processor feeds it the size it was trained at.
+        processor.size = {"height": image_size, "width": image_size}
+        processor.do_center_crop = False
+    return model, processor
+
+
+class PixelTransform:
+    """uint8 N×3×H×W -> float N×3×h×w as the model's own image processor would make it, in one batch.
+
+    Reads the processor's settings (size, resample, rescale, mean/std) instead of calling it
+    image by image, so resizing and normalising run batched on whatever device holds the batch.
+    """
+
+    _MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes
+
+    def __init__(self, processor: object):
+        cfg = processor.to_dict() if hasattr(processor, "to_dict") else dict(processor)
+        size = cfg.get("size") or {}
+        if cfg.get("do_resize", True):
+            if "height" in size and "width" in size:
+                self.size = (size["height"], size["width"])
+            elif "shortest_edge" in size and cfg.get("do_center_crop"):
+                crop = cfg["crop_size"]
+                self.size = (crop["height"], crop["width"])
+            elif "shortest_edge" in size:
+                self.size = (size["shortest_edge"], size["shortest_edge"])
+            else:
+                raise PipelineError(f"image processor size {size} is not supported; use a model whose processor sets height/width or shortest_edge")
+        else:
+            self.size = None
+        self.mode = self._MODES.get(cfg.get("resample", 2), "bilinear")
+        self.scale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+        normalize = cfg.get("do_normalize", True)
+        self.mean = torch.tensor(cfg.get("image_mean", [0.0] * 3) if normalize else [0.0] * 3).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("image_std", [1.0] * 3) if normalize else [1.0] * 3).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float()
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            kwargs = {"align_corners": False, "antialias": True} if self.mode != "nearest" else {}
+            x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs).clamp_(0, 255)
+        x = x * self.scale
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -1,0 +1,190 @@
+"""Typed parameters from params.yaml, validated in one place.
+
+Every stage calls `load_params()`. A missing, unknown or out-of-range key stops the stage at once
+with one line that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str  # Hub dataset id, folder <split>/<class>/<image>, or .tgz/.tar.gz/.zip of one
+    val_fraction: float  # share of the drawn train images held out for model selection
+    test_fraction: float  # share of the test split that is evaluated, drawn stratified
+    storage_size: int  # square side images are stored at when they do not share one size
+
+    def validate(self) -> None:
+        _require(bool(self.source.strip()), "data.source", self.source, "a Hub dataset id or a local folder/archive")
+        _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
+        _require(0 < self.test_fraction <= 1, "data.test_fraction", self.test_fraction, "a number in (0, 1]")
+        _require(self.storage_size >= 8, "data.storage_size", self.storage_size, "an integer >= 8")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str  # Hub model id, a save_pretrained directory, or "efficientnet-lite0"
+    image_size: int | None  # input side in pixels; None keeps the model's own (224 for both defaults)
+
+    def validate(self) -> None:
+        _require(bool(self.name.strip()), "model.name", self.name, "a Hub id, a local model directory or efficientnet-lite0")
+        _require(self.image_size is None or self.image_size >= 32, "model.image_size", self.image_size, "null or an integer >= 32")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float  # share of the steps spent warming the learning rate up
+    augment: bool  # random horizontal flips of training images
+    precision: str  # auto: bf16 where the hardware runs it fast, else fp32
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    check_images: int  # test images the exported model re-classifies from the original files
+    max_accuracy_gap: float  # allowed gap between that accuracy and the evaluated one
+
+    def validate(self) -> None:
+        _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
+        _require(0 <= self.max_accuracy_gap < 1, "export.max_accuracy_gap", self.max_accuracy_gap, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str  # MLflow experiment the runs are filed under
+
+    def validate(self) -> None:
+        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    fraction: float  # share of the train split used, drawn stratified by class
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+    tracking: TrackingParams
+
+    def validate(self) -> None:
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require(0 < self.fraction <= 1, "fraction", self.fraction, "a number in (0, 1]")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _coerce(key: str, value: object, kind: object) -> object:
+    """YAML 1.1 reads `5e-05` (how DVC writes -S train.lr=5e-5) as a string: accept it as a number."""
+    options = typing.get_args(kind)
+    if type(None) in options:  # `int | None`: null allowed
+        if value is None:
+            return None
+        kind = next(option for option in options if option is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: a value of type {kind.__name__}")
+    return value
+
+
+def _build(cls: type, raw: object, prefix: str) -> object:
+    if not isinstance(raw, dict):
+        raise PipelineError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise PipelineError(f"params.yaml: unknown key {prefix}{unknown[0]}; allowed keys: {', '.join(prefix + n for n in names)}")
+    values = {}
+    for name in names:
+        key = prefix + name
+        if name not in raw:
+            raise PipelineError(f"params.yaml: missing key {key}; add it (see the README's parameter table)")
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name], key + ".")
+        else:
+            values[name] = _coerce(key, raw[name], kind)
+    return cls(**values)
+
+
+def params_from_dict(raw: dict) -> Params:
+    params = _build(Params, raw, "")
+    params.validate()
+    return params
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the stages from the project root, where params.yaml lives")
+    with path.open() as fh:
+        return params_from_dict(yaml.safe_load(fh) or {})
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """Dotted keys (`train.lr`) as in `dvc exp show`, for logging."""
+    out: dict[str, object] = {}
+
+    def walk(obj: object, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = value
+
+    walk(params, "")
+    return out

@@ -1,0 +1,86 @@
+"""Stage 2: draw the shares and store them as compact uint8 tensors in data/processed/.
+
+- train: a stratified `fraction` of the train split (seeded), less a stratified `data.val_fraction`
+  of it held out as `val` for model selection; the test split is never used for selection.
+- test: a stratified `data.test_fraction` of the test split.
+Images keep their native resolution when they share one (CIFAR: 32×32), else are resized once to
+`data.storage_size`. Resizing to the model's input size and normalising happen later, in batches.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from stages import tracking
+from stages.dataformat import PROCESSED_DIR, TensorSplit, decode_rgb, processed_path, read_classes, read_raw, save_split, split_off, stratified_share
+from stages.errors import PipelineError, run_stage
+from stages.params import Params, load_params
+
+
+def draw_indices(train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str], params: Params) -> dict[str, np.ndarray]:
+    """Row numbers of each processed split in its raw split; checks every class keeps images."""
+    drawn = stratified_share(train_labels, params.fraction, params.seed)
+    per_class = Counter(train_labels[drawn].tolist())
+    fewest = min(per_class.get(c, 0) for c in range(len(classes)))
+    if fewest < 2:  # one image to train on and one to validate with, per class
+        poorest = classes[min(range(len(classes)), key=lambda c: per_class.get(c, 0))]
+        need = 2 / min(Counter(train_labels.tolist()).values())
+        raise PipelineError(f"params.yaml: fraction={params.fraction} leaves class {poorest!r} with {fewest} train image(s); allowed: fraction >= {need:.4g} for this data")
+    train, val = split_off(drawn, train_labels, params.data.val_fraction, params.seed)
+    missing = set(range(len(classes))) - set(train_labels[train].tolist())
+    if missing:
+        raise PipelineError(f"params.yaml: data.val_fraction={params.data.val_fraction} leaves class {classes[min(missing)]!r} no train image; lower it or raise fraction")
+    test = stratified_share(test_labels, params.data.test_fraction, params.seed)
+    return {"train": train, "val": val, "test": test}
+
+
+def storage_size(frames: list[pd.DataFrame], params: Params) -> tuple[int, int] | None:
+    """None when every image shares one size (kept as is), else the square to resize to."""
+    sizes = {Image.open(io.BytesIO(data)).size for frame in frames for data in frame["image"]}
+    return None if len(sizes) == 1 else (params.data.storage_size, params.data.storage_size)
+
+
+def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], resize_to: tuple[int, int] | None, desc: str) -> TensorSplit:
+    """Decode straight into one preallocated uint8 tensor: no float copies are ever held."""
+    first = decode_rgb(frame["image"].iloc[rows[0]], frame["path"].iloc[rows[0]])
+    width, height = resize_to or first.size
+    pixels = torch.empty((len(rows), 3, height, width), dtype=torch.uint8)
+    for i, row in enumerate(tqdm(rows, desc=desc, unit="img")):
+        img = decode_rgb(frame["image"].iloc[row], frame["path"].iloc[row])
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.BILINEAR)
+        pixels[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    labels = torch.from_numpy(frame["label"].to_numpy()[rows].astype(np.int64))
+    return TensorSplit(pixels, labels, torch.from_numpy(rows.astype(np.int64)), classes)
+
+
+def main() -> None:
+    params = load_params()
+    classes = read_classes()
+    raw = {split: read_raw(split) for split in ("train", "test")}
+    rows = draw_indices(raw["train"]["label"].to_numpy(), raw["test"]["label"].to_numpy(), classes, params)
+    picked = [raw["train"].iloc[rows["train"]], raw["train"].iloc[rows["val"]], raw["test"].iloc[rows["test"]]]
+    resize_to = storage_size(picked, params)
+    if PROCESSED_DIR.exists():
+        shutil.rmtree(PROCESSED_DIR)
+    PROCESSED_DIR.mkdir(parents=True)
+    sizes = {}
+    for name, source in (("train", "train"), ("val", "train"), ("test", "test")):
+        split = to_tensors(raw[source], rows[name], classes, resize_to, desc=f"preprocess {name}")
+        save_split(split, processed_path(name))
+        sizes[name] = len(split)
+    shape = "x".join(map(str, split.pixels.shape[1:]))
+    print(f"preprocess: {sizes} images of {shape} uint8 -> {PROCESSED_DIR}/" + (f" (resized to {resize_to})" if resize_to else ""))
+    with tracking.pipeline_run(params):
+        tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
+
+
+if __name__ == "__main__":
+    run_stage(main)

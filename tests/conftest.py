@@ -1,0 +1,76 @@
+"""Shared fixtures: real CIFAR-10 JPEGs from ../shared, small trees of them, a tiny saved ViT."""
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
+SMALL_CLASSES = ("cat", "dog", "ship")
+
+
+@pytest.fixture(scope="session")
+def cifar_archive() -> Path:
+    if not CIFAR_ARCHIVE.exists():
+        pytest.fail(f"{CIFAR_ARCHIVE} is missing: the tests read real CIFAR-10 from ../shared beside the repository")
+    return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def small_tree(cifar_archive, tmp_path_factory) -> Path:
+    """A 3-class folder `<split>/<class>/<image>` of real CIFAR JPEGs: 20 train and 6 test per class."""
+    root = tmp_path_factory.mktemp("small") / "tree"
+    wanted = {"train": 20, "test": 6}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(cifar_archive, "r:gz") as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in wanted or parts[-2] not in SMALL_CLASSES:
+                continue
+            key = (parts[-3], parts[-2])
+            if counts.get(key, 0) < wanted[parts[-3]]:
+                counts[key] = counts.get(key, 0) + 1
+                target = root / parts[-3] / parts[-2] / parts[-1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+            if len(counts) == 6 and all(counts[k] >= wanted[k[0]] for k in counts):
+                break
+    (root / "README.md").write_text("not an image: skipped by the loaders\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_archives(small_tree, tmp_path_factory) -> dict[str, Path]:
+    """The small tree as .tgz (with a wrapping folder, as archives often have) and as .zip."""
+    out = tmp_path_factory.mktemp("archives")
+    tgz = out / "small.tgz"
+    with tarfile.open(tgz, "w:gz") as archive:
+        archive.add(small_tree, arcname="small")
+    zipped = Path(shutil.make_archive(str(out / "small"), "zip", small_tree))
+    return {"tgz": tgz, "zip": zipped}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A tiny ViT with a 1,000-class head saved by save_pretrained: the path google/vit-base-patch16-224 takes."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("models") / "tiny-vit"
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, num_labels=1000
+    )
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def jpeg_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()

@@ -1,0 +1,56 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages.dataformat import TensorSplit, load_split, processed_path, save_split, split_off, stratified_share
+from stages.errors import PipelineError
+from stages.params import params_from_dict
+from stages.preprocess import draw_indices
+from tests.test_params import with_value
+
+CIFAR_LIKE = np.repeat(np.arange(10), 5000)  # CIFAR-10 train: 5,000 images per class
+
+
+def test_stratified_share_keeps_class_proportions_and_is_seeded():
+    picked = stratified_share(CIFAR_LIKE, 0.01, seed=42)
+    assert len(picked) == 500
+    assert Counter(CIFAR_LIKE[picked].tolist()) == {c: 50 for c in range(10)}
+    assert np.array_equal(picked, stratified_share(CIFAR_LIKE, 0.01, seed=42))
+    assert not np.array_equal(picked, stratified_share(CIFAR_LIKE, 0.01, seed=7))
+    assert np.array_equal(stratified_share(CIFAR_LIKE, 1.0, seed=42), np.arange(len(CIFAR_LIKE)))
+
+
+def test_validation_is_held_out_of_the_drawn_share():
+    drawn = stratified_share(CIFAR_LIKE, 0.01, seed=0)
+    train, val = split_off(drawn, CIFAR_LIKE, 0.1, seed=0)
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(drawn)
+    assert Counter(CIFAR_LIKE[val].tolist()) == {c: 5 for c in range(10)}
+
+
+def test_draw_indices_refuses_a_fraction_that_empties_a_class():
+    params = params_from_dict(with_value("fraction", 0.0002))  # 10 images for 10 classes: none left to validate
+    with pytest.raises(PipelineError, match=r"fraction=0.0002 leaves class .* allowed: fraction >= 0.0004"):
+        draw_indices(CIFAR_LIKE, np.repeat(np.arange(10), 1000), [str(c) for c in range(10)], params)
+
+
+def test_draw_indices_sizes_follow_the_parameters():
+    params = params_from_dict(yaml.safe_load(yaml.safe_dump(with_value("fraction", 0.05))))
+    rows = draw_indices(CIFAR_LIKE, np.repeat(np.arange(10), 1000), [str(c) for c in range(10)], params)
+    assert len(rows["train"]) + len(rows["val"]) == 2500
+    assert len(rows["val"]) == round(2500 * params.data.val_fraction)
+    assert len(rows["test"]) == round(10_000 * params.data.test_fraction)
+
+
+def test_tensor_split_round_trip_is_compact(tmp_path):
+    pixels = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    split = TensorSplit(pixels, torch.arange(100) % 3, torch.arange(100) * 7, ["a", "b", "c"])
+    save_split(split, processed_path("train", tmp_path))
+    back = load_split("train", tmp_path)
+    assert back.pixels.dtype == torch.uint8 and torch.equal(back.pixels, pixels)
+    assert torch.equal(back.labels, split.labels) and torch.equal(back.index, split.index)
+    assert back.classes == ["a", "b", "c"]
+    per_image = processed_path("train", tmp_path).stat().st_size / 100
+    assert per_image < 3.2 * 1024  # 3,072 pixel bytes + label + index, vs ~605 KB as float32 224×224

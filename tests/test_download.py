@@ -1,0 +1,89 @@
+import time
+
+import datasets
+import pytest
+
+from stages.dataformat import decode_rgb, read_classes, read_raw
+from stages.download import records_from_datasets, resolve_source, write_raw
+from stages.errors import PipelineError
+from tests.conftest import SMALL_CLASSES, jpeg_bytes
+
+
+def summary(classes, records):
+    """Class names, and per split the sorted (class, file name, bytes) triples."""
+    return classes, {split: sorted((r[1], r[2].rsplit("/", 1)[-1], r[3]) for r in rows) for split, rows in records.items()}
+
+
+def test_folder_gives_classes_from_the_data(small_tree):
+    classes, records = resolve_source(str(small_tree))
+    assert classes == sorted(SMALL_CLASSES)  # a 3-class folder gives 3 classes
+    assert {s: len(r) for s, r in records.items()} == {"train": 60, "test": 18}
+    assert decode_rgb(records["train"][0][3], "x").size == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_archives_read_the_same_as_the_folder(small_tree, small_archives, kind):
+    assert summary(*resolve_source(str(small_archives[kind]))) == summary(*resolve_source(str(small_tree)))
+
+
+def test_hub_schema_dataset_is_converted(small_tree, tmp_path):
+    """A local dataset laid out as uoft-cs/cifar10 on the Hub: parquet shards, `img` and `label` columns."""
+    classes, records = resolve_source(str(small_tree))
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    for split, rows in records.items():
+        table = datasets.Dataset.from_dict(
+            {"img": [{"bytes": r[3], "path": None} for r in rows], "label": [classes.index(r[1]) for r in rows]}, features=features
+        )
+        table.to_parquet(str(tmp_path / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    hub_classes, hub_records = records_from_datasets(datasets.load_dataset(str(tmp_path)), "local/cifar-like")
+    assert hub_classes == classes
+    assert sorted((r[1], r[3]) for r in hub_records["test"]) == sorted((r[1], r[3]) for r in records["test"])
+
+
+def test_raw_format_round_trip(small_tree, tmp_path):
+    classes, records = resolve_source(str(small_tree))
+    write_raw(classes, records, tmp_path)
+    assert read_classes(tmp_path) == classes
+    train = read_raw("train", tmp_path)
+    assert len(train) == 60 and set(train["label"]) == {0, 1, 2}
+    assert sorted(train["image"]) == sorted(r[3] for r in records["train"])
+
+
+def test_corrupt_image_is_named_before_anything_is_written(small_tree, tmp_path):
+    classes, records = resolve_source(str(small_tree))
+    records["train"].append(("train", "cat", "train/cat/broken.jpg", jpeg_bytes((1, 2, 3))[:100]))
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    with pytest.raises(PipelineError, match="train/cat/broken.jpg cannot be decoded"):
+        write_raw(classes, records, out)
+    assert (out / "keep.txt").exists()  # nothing was lost
+
+
+def test_bad_local_sources_are_explained(tmp_path):
+    with pytest.raises(PipelineError, match="no such file or folder"):
+        resolve_source(str(tmp_path / "missing.tgz"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(PipelineError, match="not a .tgz/.tar.gz/.zip archive"):
+        resolve_source(str(tmp_path / "notes.txt"))
+    (tmp_path / "broken.tgz").write_bytes(b"not gzip")
+    with pytest.raises(PipelineError, match="not a readable archive"):
+        resolve_source(str(tmp_path / "broken.tgz"))
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    (tmp_path / "flat" / "cat" / "a.jpg").write_bytes(jpeg_bytes((0, 0, 0)))
+    with pytest.raises(PipelineError, match="no images under train/<class>/"):
+        resolve_source(str(tmp_path / "flat"))
+
+
+def test_unreachable_hub_fails_fast_and_says_how_to_run_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        resolve_source("uoft-cs/cifar10")
+    assert time.monotonic() - started < 30
+    message = str(err.value)
+    assert "data.source='uoft-cs/cifar10'" in message
+    assert "cannot reach the Hugging Face Hub" in message and "data.source=path/to/cifar10-jpg.tgz" in message

@@ -1,0 +1,74 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
+
+import stages  # noqa: F401
+from stages import efficientnet_lite
+from stages.dataformat import decode_rgb
+from stages.errors import PipelineError
+from stages.modeling import PixelTransform, check_model_name, load_pretrained
+
+
+def cifar_images(small_tree, n=8):
+    paths = sorted((small_tree / "test").rglob("*.jpg"))[:n]
+    return [decode_rgb(p.read_bytes(), str(p)) for p in paths]
+
+
+@pytest.mark.parametrize("processor", [ViTImageProcessor(), efficientnet_lite.image_processor()], ids=["vit", "efficientnet-lite"])
+def test_batched_transform_matches_the_image_processor(small_tree, processor):
+    images = cifar_images(small_tree)
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    pixels = torch.stack([torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for img in images])
+    got = PixelTransform(processor)(pixels)
+    assert got.shape == expected.shape == (8, 3, 224, 224)
+    # the processor rounds the resized image to uint8, the batched path does not: under 1/255 apart on average
+    assert (got - expected).abs().mean() * processor.image_std[0] < 1 / 255
+    assert (got - expected).abs().max() * processor.image_std[0] < 8 / 255
+
+
+def test_saved_vit_gets_a_fresh_head_for_the_data_classes(tiny_vit):
+    model, processor = load_pretrained(str(tiny_vit), ["cat", "dog", "ship"])
+    assert model.classifier.out_features == 3
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "ship"}
+    assert processor.size == {"height": 32, "width": 32}
+    _, resized = load_pretrained(str(tiny_vit), ["cat", "dog"], image_size=64)
+    assert PixelTransform(resized).size == (64, 64)
+
+
+def test_efficientnet_lite_export_loads_through_the_auto_classes(small_tree, tmp_path):
+    model, processor = load_pretrained(efficientnet_lite.NAME, ["cat", "dog", "ship"])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    back = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(back, efficientnet_lite.EfficientNetLiteForImageClassification)
+    assert torch.equal(back.classifier.weight, model.classifier.weight)
+    assert list(AutoImageProcessor.from_pretrained(tmp_path).image_mean) == efficientnet_lite.LITE_MEAN
+    results = pipeline("image-classification", model=str(tmp_path))(cifar_images(small_tree, 1)[0])
+    assert {r["label"] for r in results} == {"cat", "dog", "ship"}
+
+
+def test_embedded_backbone_carries_imagenet_weights():
+    """The pretrained stem differs from a fresh initialisation: the weights file was loaded."""
+    model, _ = load_pretrained(efficientnet_lite.NAME, ["a", "b"])
+    fresh = efficientnet_lite.EfficientNetLiteForImageClassification(model.config)
+    assert not torch.equal(model.efficientnet._conv_stem.weight, fresh.efficientnet._conv_stem.weight)
+
+
+def test_bad_model_names_fail_fast(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    with pytest.raises(PipelineError, match="without config.json"):
+        check_model_name(str(tmp_path))
+    with pytest.raises(PipelineError, match="no such directory, and not a Hub id"):
+        check_model_name("./models/missing")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="model.name='google/vit-base-patch16-224': cannot reach the Hugging Face Hub.*efficientnet-lite0"):
+        check_model_name("google/vit-base-patch16-224")
+    assert time.monotonic() - started < 30
+    check_model_name(efficientnet_lite.NAME)  # embedded: nothing to reach

@@ -1,0 +1,193 @@
+"""End to end: the real `dvc repro` / `dvc exp run` in a temporary git repo on real CIFAR-10 images."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
+
+
+def run(cmd: list[str], repo: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    return output
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def set_params(repo: Path, **values) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in values.items():
+        node = params
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def dvc_cache(tmp_path_factory) -> Path:
+    """One DVC cache for all test repos: its run-cache lets later repos skip the identical download."""
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
+def make_repo(path: Path, dvc_cache: Path, **values) -> Path:
+    path.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "data", "models", "metrics"):
+        source = ROOT / name
+        shutil.copytree(source, path / name) if source.is_dir() else shutil.copy(source, path / name)
+    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", path / ".gitignore")
+    set_params(path, **values)
+    run(["git", "init", "-q"], path)
+    run(["git", "config", "user.name", "Pipeline Test"], path)
+    run(["git", "config", "user.email", "pipeline-test@example.com"], path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], path)
+    run([sys.executable, "-m", "dvc", "config", "cache.dir", str(dvc_cache)], path)
+    commit(path, "project")
+    return path
+
+
+def commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", message], repo)
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return run([sys.executable, "-m", "dvc", *args], repo)
+
+
+def mlflow_runs(repo: Path) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("cifar10-transfer")
+    return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def a_test_image(repo: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The most confidently evaluated test image, written back out as its original JPEG file."""
+    from stages.dataformat import read_raw
+
+    predictions = pd.read_csv(repo / "metrics/test_predictions.csv")
+    first = predictions.loc[predictions["confidence"].idxmax()]
+    raw = read_raw("test", repo / "data/raw")
+    path = tmp_path / "image.jpg"
+    path.write_bytes(raw["image"].iloc[int(first["index"])])
+    return path, first["predicted"]
+
+
+def classify_in_fresh_python(repo: Path, image: Path, preamble: str) -> str:
+    """The label transformers.pipeline gives `image` with models/export, in a new interpreter."""
+    code = f"{preamble}\nfrom transformers import pipeline\nprint('label=' + pipeline('image-classification', model='models/export')('{image}')[0]['label'])"
+    return re.search(r"^label=(.*)$", run([sys.executable, "-c", code], repo), re.M).group(1)
+
+
+def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit, dvc_cache, tmp_path):
+    repo = make_repo(
+        tmp_path / "repo", dvc_cache,
+        data__source=str(cifar_archive), model__name=str(tiny_vit), train__epochs=2, train__lr=1e-3, data__test_fraction=0.02,
+    )
+
+    # 1. the whole pipeline
+    assert ran_stages(dvc(repo, "repro")) == set(STAGES)
+    evaluation = read_json(repo / "metrics/eval.json")
+    assert evaluation["test_images"] == 200
+    assert 0 <= evaluation["accuracy_ci95_low"] <= evaluation["accuracy"] <= evaluation["accuracy_ci95_high"] <= 1
+    finetune = read_json(repo / "metrics/finetune.json")
+    assert (finetune["train_images"], finetune["val_images"]) == (450, 50)
+    epochs = pd.read_csv(repo / "metrics/finetune_epochs.csv")
+    assert list(epochs["epoch"]) == [1, 2] and epochs["val_accuracy"].max() == finetune["best_val_accuracy"]
+    per_class = pd.read_csv(repo / "metrics/eval_per_class.csv")
+    assert len(per_class) == 10 and per_class["support"].sum() == 200
+    assert (repo / "metrics/confusion_matrix.png").stat().st_size > 10_000
+    export_check = read_json(repo / "metrics/export.json")
+    assert export_check["check_images"] == 100 and export_check["agreement"] >= 0.95
+    config = read_json(repo / "models/export/config.json")
+    assert config["id2label"]["3"] == "cat" and (repo / "models/export/model.safetensors").exists()
+
+    # 2. one MLflow run for the execution, holding params, curves, test accuracy and hardware
+    [first] = mlflow_runs(repo)
+    assert first.data.params["fraction"] == "0.01" and first.data.params["model.name"] == str(tiny_vit)
+    assert first.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    tags = first.data.tags
+    assert tags["hardware.device"] == "cpu" and tags["hardware.precision"] == "fp32"
+    assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
+    assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
+
+    # 3. nothing changed: nothing runs, no new MLflow run
+    assert ran_stages(dvc(repo, "repro")) == set()
+    assert len(mlflow_runs(repo)) == 1
+    commit(repo, "baseline")
+
+    # 4. a learning-rate change re-runs finetune, evaluate, export and nothing before them
+    assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002")) == {"finetune", "evaluate", "export"}
+    # 5. a fraction change re-runs from preprocess on
+    assert ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02")) == {"preprocess", "finetune", "evaluate", "export"}
+    assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
+    runs = mlflow_runs(repo)
+    assert len(runs) == 3
+    for later in runs[1:]:
+        assert later.info.run_name == later.data.tags["dvc.exp_name"]  # named after the DVC experiment
+    assert runs[2].data.params["fraction"] == "0.02"
+
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    experiments = [exp for row in shown for exp in (row.get("experiments") or [])]
+    fractions = {
+        run["data"]["params"]["params.yaml"]["data"]["fraction"] for exp in experiments for run in exp["revs"]
+    }
+    assert {0.02} <= fractions
+
+    # 6. the exported ViT needs nothing but transformers; the CLI classifies image files
+    image, evaluated_label = a_test_image(repo, tmp_path)
+    assert classify_in_fresh_python(repo, image, "") == evaluated_label
+    assert f"{image}\t{evaluated_label}\t" in run([sys.executable, "-m", "stages.predict", str(image)], repo)
+
+    # 7. an interrupted finetune resumes from its last checkpoint and ends where it would have
+    before = pd.read_csv(repo / "metrics/finetune_epochs.csv")
+    checkpoints = sorted((repo / "models/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shutil.rmtree(checkpoints[-1])  # as if killed during the last epoch
+    assert "resuming from" in run([sys.executable, "-m", "stages.finetune"], repo)
+    pd.testing.assert_frame_equal(pd.read_csv(repo / "metrics/finetune_epochs.csv"), before)
+
+
+def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
+    repo = make_repo(
+        tmp_path / "repo", dvc_cache,
+        data__source=str(cifar_archive), model__name="efficientnet-lite0", model__image_size=64,
+        fraction=0.004, train__epochs=2, train__lr=1e-3, data__test_fraction=0.01,
+    )
+    dvc(repo, "repro")
+    evaluation = read_json(repo / "metrics/eval.json")
+    assert evaluation["test_images"] == 100
+    assert evaluation["accuracy"] > 0.2  # ImageNet features beat chance (0.1) after 180 images
+    [tracked] = mlflow_runs(repo)
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert ran_stages(dvc(repo, "repro")) == set()
+
+    # the export loads through the Auto classes once the package is imported, no trust_remote_code
+    image, evaluated_label = a_test_image(repo, tmp_path)
+    assert classify_in_fresh_python(repo, image, "import stages") == evaluated_label
+    assert read_json(repo / "models/export/preprocessor_config.json")["size"] == {"height": 64, "width": 64}
