@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages import tracking
@@ -118,11 +118,17 @@ def main() -> None:
     train, val = load_split("train"), load_split("val")
     device, precision = pick_device_and_precision(params.train.precision)
     set_seed(params.seed)  # the new head's initial weights
-    model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
+    resume = prepare_checkpoints(inputs_fingerprint(params))
+    # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
+    # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
+    # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
+    if resume:
+        model, processor = AutoModelForImageClassification.from_pretrained(resume), AutoImageProcessor.from_pretrained(resume)
+    else:
+        model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
     collate = Collate(PixelTransform(processor))
     check_forward(model, collate, train, params)
-    resume = prepare_checkpoints(inputs_fingerprint(params))
 
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
@@ -136,8 +142,7 @@ def main() -> None:
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_strategy="epoch",
-        load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
+        metric_for_best_model="accuracy",  # tracked in trainer.state; loaded below, not by the Trainer
         greater_is_better=True,
         save_total_limit=2,  # the best epoch and the last, to resume from
         bf16=precision == "bf16",
@@ -163,7 +168,9 @@ def main() -> None:
 
     if FINETUNED_DIR.exists():
         shutil.rmtree(FINETUNED_DIR)
-    trainer.save_model(str(FINETUNED_DIR))  # the best epoch: load_best_model_at_end put it back
+    best_checkpoint = trainer.state.best_model_checkpoint
+    AutoModelForImageClassification.from_pretrained(best_checkpoint).save_pretrained(FINETUNED_DIR)
+    processor.save_pretrained(FINETUNED_DIR)
     epochs = epoch_table(trainer.state.log_history)
     best = epochs.loc[epochs["val_accuracy"].idxmax()]
     summary = {

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT
@@ -97,6 +98,13 @@ def a_test_image(repo: Path, tmp_path: Path) -> tuple[Path, str]:
     return path, first["predicted"]
 
 
+def assert_same_weights(left: Path, right: Path) -> None:
+    from transformers import AutoModelForImageClassification
+
+    a, b = (AutoModelForImageClassification.from_pretrained(p).state_dict() for p in (left, right))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def classify_in_fresh_python(repo: Path, image: Path, preamble: str) -> str:
     """The label transformers.pipeline gives `image` with models/export, in a new interpreter."""
     code = f"{preamble}\nfrom transformers import pipeline\nprint('label=' + pipeline('image-classification', model='models/export')('{image}')[0]['label'])"
@@ -165,11 +173,16 @@ def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit,
     assert classify_in_fresh_python(repo, image, "") == evaluated_label
     assert f"{image}\t{evaluated_label}\t" in run([sys.executable, "-m", "stages.predict", str(image)], repo)
 
-    # 7. an interrupted finetune resumes from its last checkpoint and ends where it would have
-    before = pd.read_csv(repo / "metrics/finetune_epochs.csv")
+    # 7. the kept model is the best epoch's, whole (transformers 5 renames ViT weights on load)
     checkpoints = sorted((repo / "models/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = read_json(checkpoints[-1] / "trainer_state.json")
+    assert state["best_metric"] == read_json(repo / "metrics/finetune.json")["best_val_accuracy"]
+    assert_same_weights(repo / "models/finetuned", repo / state["best_model_checkpoint"])
+
+    # 8. an interrupted finetune resumes from its last checkpoint and ends exactly where it would have
+    before = pd.read_csv(repo / "metrics/finetune_epochs.csv")
     shutil.rmtree(checkpoints[-1])  # as if killed during the last epoch
-    assert "resuming from" in run([sys.executable, "-m", "stages.finetune"], repo)
+    assert f"resuming from models/checkpoints/{checkpoints[0].name}" in run([sys.executable, "-m", "stages.finetune"], repo)
     pd.testing.assert_frame_equal(pd.read_csv(repo / "metrics/finetune_epochs.csv"), before)
 
 
