@@ -7,7 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 archive=$(cd "$root/.." && pwd)/shared/data/cifar10-jpg.tgz
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+log=$(mktemp)  # outside the repo: dvc exp run restores the workspace it runs in
+trap 'rm -rf "$work" "$log"' EXIT
 cp -r "$root/dvc.yaml" "$root/params.yaml" "$root/.gitignore" "$root/data" "$root/models" "$root/metrics" "$work/"
 cp -r "$root/stages" "$work/" && rm -rf "$work"/stages/__pycache__
 cd "$work"
@@ -28,9 +29,9 @@ out="$root/bench/results/offline_job.md"
 step() {  # step LABEL dvc-args...
   local label=$1; shift
   local start=$(date +%s.%N)
-  dvc "$@" > log.txt 2>&1 || { tail -20 log.txt; exit 1; }
+  dvc "$@" > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
   local secs=$(python -c "print(f'{$(date +%s.%N) - $start:.1f}')")
-  local ran=$(grep -o "Running stage '[a-z]*'" log.txt | cut -d"'" -f2 | paste -sd, -)
+  local ran=$(grep -o "Running stage '[a-z]*'" "$log" | cut -d"'" -f2 | paste -sd, -)
   python - "$label" "$secs" "${ran:-none}" >> "$out" <<'PY'
 import json, sys
 label, secs, ran = sys.argv[1:]

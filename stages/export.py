@@ -4,8 +4,9 @@ The directory holds safetensors weights, a config with the label names and the i
 config, so `pipeline("image-classification", model="models/export")` runs it on a PIL image.
 A ViT export needs only transformers; an EfficientNet-Lite export needs `import stages` first
 (which registers it with the Auto classes). The proof: the exported model, fed through its own
-image processor from the original image files, re-classifies a batch of test images and must
-reproduce the accuracy that the evaluate stage measured on the same images.
+image processor from the original image files, re-classifies a batch of test images; it must give
+the labels the evaluate stage gave (up to `export.min_agreement`: the processor resizes in PIL,
+which rounds to whole pixel values), and so reproduce the accuracy measured on those images.
 """
 from __future__ import annotations
 
@@ -64,17 +65,16 @@ def main() -> None:
     check = check_export(EXPORT_DIR, params.export.check_images, params.evaluate.batch_size)
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     METRICS_FILE.write_text(json.dumps(check, indent=2) + "\n")
-    gap = abs(check["pipeline_accuracy"] - check["evaluated_accuracy"])
     print(
         f"export: {EXPORT_DIR}/ re-classified {check['check_images']} test images from the original files: "
         f"accuracy {check['pipeline_accuracy']:.4f} vs evaluated {check['evaluated_accuracy']:.4f}, agreement {check['agreement']:.4f}"
     )
     with tracking.pipeline_run(params):
         tracking.log_metrics({f"export_{k}": v for k, v in check.items()})
-    if gap > params.export.max_accuracy_gap:
+    if check["agreement"] < params.export.min_agreement:
         raise PipelineError(
-            f"the exported model's accuracy differs from the evaluated one by {gap:.4f} > export.max_accuracy_gap="
-            f"{params.export.max_accuracy_gap}; its image-processor config does not match training, see {METRICS_FILE}"
+            f"the exported model agrees with the evaluated predictions on only {check['agreement']:.2%} of {check['check_images']} "
+            f"test images (export.min_agreement={params.export.min_agreement}): its image processor does not match training; see {METRICS_FILE}"
         )
 
 

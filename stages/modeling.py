@@ -77,7 +77,7 @@ class PixelTransform:
             elif "shortest_edge" in size and cfg.get("do_center_crop"):
                 crop = cfg["crop_size"]
                 self.size = (crop["height"], crop["width"])
-            elif "shortest_edge" in size:
+            elif "shortest_edge" in size:  # exact for square images, as stored CIFAR (or resized) ones are
                 self.size = (size["shortest_edge"], size["shortest_edge"])
             else:
                 raise PipelineError(f"image processor size {size} is not supported; use a model whose processor sets height/width or shortest_edge")
@@ -93,6 +93,7 @@ class PixelTransform:
         x = pixels.float()
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
             kwargs = {"align_corners": False, "antialias": True} if self.mode != "nearest" else {}
-            x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs).clamp_(0, 255)
+            # antialiased bilinear is PIL's filter; rounding gives whole pixel values, as PIL does
+            x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs).clamp_(0, 255).round_()
         x = x * self.scale
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

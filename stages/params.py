@@ -74,11 +74,11 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ExportParams:
     check_images: int  # test images the exported model re-classifies from the original files
-    max_accuracy_gap: float  # allowed gap between that accuracy and the evaluated one
+    min_agreement: float  # share of them that must get the label the evaluate stage gave
 
     def validate(self) -> None:
         _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
-        _require(0 <= self.max_accuracy_gap < 1, "export.max_accuracy_gap", self.max_accuracy_gap, "a number in [0, 1)")
+        _require(0 < self.min_agreement <= 1, "export.min_agreement", self.min_agreement, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ def test_batched_transform_matches_the_image_processor(small_tree, processor):
     pixels = torch.stack([torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for img in images])
     got = PixelTransform(processor)(pixels)
     assert got.shape == expected.shape == (8, 3, 224, 224)
-    # the processor rounds the resized image to uint8, the batched path does not: under 1/255 apart on average
-    assert (got - expected).abs().mean() * processor.image_std[0] < 1 / 255
-    assert (got - expected).abs().max() * processor.image_std[0] < 8 / 255
+    # same filter and rounding; PIL's fixed-point arithmetic leaves some pixels one level apart
+    levels = (got - expected).abs() * processor.image_std[0] * 255
+    assert levels.max() <= 1.001 and levels.mean() < 0.25
 
 
 def test_saved_vit_gets_a_fresh_head_for_the_data_classes(tiny_vit):
