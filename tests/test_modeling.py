@@ -3,7 +3,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 import stages  # noqa: F401
