@@ -145,6 +145,11 @@ def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit,
     assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
     assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
 
+    plots = json.loads(dvc(repo, "plots", "show", "--json"))
+    assert not plots.get("errors")
+    named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png"}
+    assert set(plots["data"]) == named and all(plots["data"][name] for name in named)
+
     # 3. nothing changed: nothing runs, no new MLflow run
     assert ran_stages(dvc(repo, "repro")) == set()
     assert len(mlflow_runs(repo)) == 1
