@@ -190,7 +190,7 @@ def main() -> None:
         tracking.set_tags({"hardware.device": device, "hardware.precision": precision})
         for row in epochs.to_dict("records"):
             tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
-        tracking.log_metrics({k: v for k, v in summary.items()})
+        tracking.log_metrics(summary)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Pr
 
 from stages import efficientnet_lite
 from stages.errors import PipelineError
-from stages.hub import check_on_hub, looks_like_hub_id, offline
+from stages.hub import check_on_hub, looks_like_hub_id
 
 OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
 
@@ -39,7 +39,7 @@ def check_model_name(name: str) -> None:
 def _in_local_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or offline()
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
