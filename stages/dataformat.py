@@ -4,6 +4,9 @@ data/raw/        whole dataset as received: `<split>.parquet` (encoded image byt
                  integer label; Hugging Face `Image`/`ClassLabel` features) and `classes.json`.
 data/processed/  the drawn shares as safetensors: `pixels` uint8 N×3×H×W, `labels` int64, and
                  `index` int64 (the row in the raw split, so later stages can find the original file).
+data/features/   `<split>.safetensors`, with train.mode=head: the frozen backbone's pooled features
+                 of each processed split (`features` float32 N×D, `labels`; train also `flipped`,
+                 the features of its mirrored images); metadata says which model and mode made them.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 SPLITS = ("train", "test")
 PROCESSED_SPLITS = ("train", "val", "test")
+FEATURES_DIR = Path("data/features")
 
 
 def raw_path(split: str, root: Path = RAW_DIR) -> Path:
@@ -106,3 +110,16 @@ def load_split(name: str, root: Path = PROCESSED_DIR) -> TensorSplit:
         classes = json.loads(fh.metadata()["classes"])
     tensors = load_file(str(path))
     return TensorSplit(tensors["pixels"], tensors["labels"], tensors["index"], classes)
+
+
+def features_path(split: str, root: Path = FEATURES_DIR) -> Path:
+    return root / f"{split}.safetensors"
+
+
+def load_features(split: str) -> dict[str, torch.Tensor]:
+    """`features`, `labels` (and `flipped` for train) of a processed split, as the features stage cached them."""
+    path = features_path(split)
+    tensors = load_file(str(path)) if path.exists() else {}
+    if "features" not in tensors:
+        raise PipelineError(f"{path} holds no features; with train.mode=head run the features stage first (dvc repro features)")
+    return tensors

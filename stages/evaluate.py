@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import matplotlib
@@ -19,17 +18,16 @@ import pandas as pd
 import torch
 from scipy.stats import binomtest
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report
-from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import tracking
-from stages.dataformat import TensorSplit, load_split
+from stages.dataformat import FEATURES_DIR, TensorSplit, load_features, load_split
 from stages.errors import PipelineError, run_stage
 from stages.finetune import FINETUNED_DIR
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform
-from stages.params import load_params
+from stages.modeling import PixelTransform, classifier_head, forward_batches
+from stages.params import Params, load_params
 
 METRICS_FILE = Path("metrics/eval.json")
 PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
@@ -38,21 +36,24 @@ CONFUSION_PNG = Path("metrics/confusion_matrix.png")
 
 
 @torch.inference_mode()
-def predict(model_dir: Path, split: TensorSplit, batch_size: int, device: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, its softmax probability) for every image, in batches."""
-    model = AutoModelForImageClassification.from_pretrained(model_dir).to(device, memory_format=torch.channels_last).eval()
-    transform = PixelTransform(AutoImageProcessor.from_pretrained(model_dir))
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    preds, confidences = [], []
-    for start in tqdm(range(0, len(split), batch_size), desc="evaluate", unit="batch"):
-        pixels = transform(split.pixels[start : start + batch_size].to(device))
-        with autocast:
-            logits = model(pixel_values=pixels).logits.float()
-        probs = logits.softmax(-1)
-        confidence, pred = probs.max(-1)
-        preds.append(pred.cpu())
-        confidences.append(confidence.cpu())
-    return torch.cat(preds), torch.cat(confidences)
+def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, its softmax probability) for every image of `split` by models/finetuned.
+
+    With train.mode=head the backbone is the pretrained one the features stage ran, so the head
+    is applied to the cached features instead of running the backbone again.
+    """
+    model = AutoModelForImageClassification.from_pretrained(FINETUNED_DIR)
+    if params.train.mode == "head":
+        cached = load_features("test")
+        if not torch.equal(cached["labels"], split.labels):
+            raise PipelineError(f"{FEATURES_DIR} was computed from other data; re-run the features stage (dvc repro features)")
+        logits = classifier_head(model, params.model.name).eval()(cached["features"])
+    else:
+        device, precision = pick_device_and_precision(params.train.precision)
+        transform = PixelTransform(AutoImageProcessor.from_pretrained(FINETUNED_DIR))
+        logits = torch.cat([batch.cpu() for batch in forward_batches(model, transform, split.pixels, params.evaluate.batch_size, device, precision, "evaluate")])
+    confidence, pred = logits.softmax(-1).max(-1)
+    return pred, confidence
 
 
 def save_confusion_png(actual: list[str], predicted: list[str], classes: list[str], path: Path) -> None:
@@ -69,9 +70,8 @@ def main() -> None:
     if not (FINETUNED_DIR / "config.json").exists():
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
     test = load_split("test")
-    device, precision = pick_device_and_precision(params.train.precision)
     started = time.perf_counter()
-    preds, confidences = predict(FINETUNED_DIR, test, params.evaluate.batch_size, device, precision)
+    preds, confidences = predict(test, params)
     seconds = time.perf_counter() - started
 
     correct = int((preds == test.labels).sum())

@@ -1,14 +1,19 @@
-"""Stage 3: fine-tune `model.name` on the processed train share with the transformers Trainer.
+"""Stage 4: fine-tune `model.name` on the processed train share.
 
-A fresh head sized to the data's classes replaces the pretrained one. The Trainer evaluates on the
-validation share and checkpoints every epoch, keeps the best epoch by validation accuracy, and,
-when the stage is re-run after an interruption with the same inputs, resumes from the last
-checkpoint. Writes the best model to models/finetuned/ and the per-epoch curves to metrics/.
+A fresh head sized to the data's classes replaces the pretrained one.
+- train.mode=full: the transformers Trainer trains every weight, evaluates on the validation share
+  and checkpoints every epoch, keeps the best epoch by validation accuracy, and, when the stage is
+  re-run after an interruption with the same inputs, resumes from the last checkpoint.
+- train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
+  features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
+Either way the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -16,14 +21,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
+from torch.nn import functional as F
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+    get_cosine_schedule_with_warmup,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages import tracking
-from stages.dataformat import PROCESSED_SPLITS, TensorSplit, load_split, processed_path
+from stages.dataformat import FEATURES_DIR, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, check_model_name, load_pretrained
+from stages.modeling import PixelTransform, check_model_name, classifier_head, load_pretrained
 from stages.params import Params, load_params
 
 CHECKPOINT_DIR = Path("models/checkpoints")
@@ -82,7 +96,7 @@ def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, 
 def inputs_fingerprint(params: Params) -> dict:
     """What the checkpoints depend on: resuming is only safe when all of it is unchanged."""
     digests = {name: hashlib.sha256(processed_path(name).read_bytes()).hexdigest() for name in PROCESSED_SPLITS}
-    return {"seed": params.seed, "model": params.model.name, "train": vars(params.train), "data": digests}
+    return {"seed": params.seed, "model": vars(params.model), "train": vars(params.train), "data": digests}
 
 
 def prepare_checkpoints(fingerprint: dict) -> str | None:
@@ -112,13 +126,8 @@ def epoch_table(log_history: list[dict]) -> pd.DataFrame:
     return table.sort_values("epoch")[["epoch", "train_loss", "val_loss", "val_accuracy"]]
 
 
-def main() -> None:
-    params = load_params()
-    check_model_name(params.model.name)
-    train, val = load_split("train"), load_split("val")
-    device, precision = pick_device_and_precision(params.train.precision)
-    set_seed(params.seed)  # the new head's initial weights
-    resume = prepare_checkpoints(inputs_fingerprint(params))
+def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
+    """Every weight with the Trainer: (best epoch's model, processor, epoch table, training images/s)."""
     # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
     # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
     # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
@@ -162,16 +171,67 @@ def main() -> None:
         processing_class=processor,
         compute_metrics=accuracy,
     )
-    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
+    best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    return best, processor, epoch_table(trainer.state.log_history), result.metrics["train_samples_per_second"]
+
+
+def train_head(params: Params, train: TensorSplit) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
+    """Only the classifier, on the cached features, in a plain loop: same outputs as train_full."""
+    model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
+    head = classifier_head(model, params.model.name)
+    data, val = load_features("train"), load_features("val")
+    if not torch.equal(data["labels"], train.labels):
+        raise PipelineError(f"{FEATURES_DIR} was computed from other data; re-run the features stage (dvc repro features)")
+    n, batch_size, epochs = len(data["labels"]), params.train.batch_size, params.train.epochs
+    steps = epochs * math.ceil(n / batch_size)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(params.train.warmup_ratio * steps), steps)
+    generator = torch.Generator().manual_seed(params.seed)
+    rows, best_accuracy, best_state = [], -1.0, None
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        head.train()
+        flip = torch.rand(n, generator=generator) < 0.5 if params.train.augment else torch.zeros(n, dtype=torch.bool)
+        features = torch.where(flip[:, None], data["flipped"], data["features"])
+        losses = []
+        for batch in torch.randperm(n, generator=generator).split(batch_size):
+            loss = F.cross_entropy(head(features[batch]), data["labels"][batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item() * len(batch))
+        head.eval()
+        with torch.no_grad():
+            logits = head(val["features"])
+        val_accuracy = float((logits.argmax(-1) == val["labels"]).float().mean())
+        rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": F.cross_entropy(logits, val["labels"]).item(), "val_accuracy": val_accuracy})
+        if val_accuracy > best_accuracy:  # the first best epoch, as the Trainer keeps it
+            best_accuracy, best_state = val_accuracy, copy.deepcopy(head.state_dict())
+    seconds = time.perf_counter() - started
+    head.load_state_dict(best_state)
+    return model, processor, pd.DataFrame(rows), n * epochs / seconds
+
+
+def main() -> None:
+    params = load_params()
+    check_model_name(params.model.name)
+    train, val = load_split("train"), load_split("val")
+    device, precision = pick_device_and_precision(params.train.precision)
+    set_seed(params.seed)  # the new head's initial weights
+    resume = prepare_checkpoints(inputs_fingerprint(params))
+    started = time.perf_counter()
+    if params.train.mode == "head":
+        model, processor, epochs, images_per_second = train_head(params, train)
+    else:
+        model, processor, epochs, images_per_second = train_full(params, train, val, device, precision, resume)
     seconds = time.perf_counter() - started
 
     if FINETUNED_DIR.exists():
         shutil.rmtree(FINETUNED_DIR)
-    best_checkpoint = trainer.state.best_model_checkpoint
-    AutoModelForImageClassification.from_pretrained(best_checkpoint).save_pretrained(FINETUNED_DIR)
+    model.save_pretrained(FINETUNED_DIR)
     processor.save_pretrained(FINETUNED_DIR)
-    epochs = epoch_table(trainer.state.log_history)
     best = epochs.loc[epochs["val_accuracy"].idxmax()]
     summary = {
         "best_epoch": int(best["epoch"]),
@@ -179,12 +239,12 @@ def main() -> None:
         "train_images": len(train),
         "val_images": len(val),
         "train_seconds": round(seconds, 2),
-        "train_images_per_second": round(result.metrics["train_samples_per_second"], 2),
+        "train_images_per_second": round(images_per_second, 2),
     }
     EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"finetune: best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
+    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
 
     with tracking.pipeline_run(params):
         tracking.set_tags({"hardware.device": device, "hardware.precision": precision})

@@ -8,10 +8,13 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 from stages import efficientnet_lite
@@ -97,3 +100,24 @@ class PixelTransform:
             x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs).clamp_(0, 255).round_()
         x = x * self.scale
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def classifier_head(model: PreTrainedModel, name: str) -> torch.nn.Module:
+    """The module that turns pooled features into logits (`classifier` in transformers' image models)."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise PipelineError(f"train.mode=head needs a model with a `classifier` head; {name!r} ({type(model).__name__}) has none: use train.mode=full")
+    return head
+
+
+@torch.inference_mode()
+def forward_batches(
+    model: PreTrainedModel, transform: PixelTransform, pixels: torch.Tensor, batch_size: int, device: str, precision: str, desc: str
+) -> Iterator[torch.Tensor]:
+    """Float32 logits of `pixels` (uint8 N×3×H×W), one batch at a time, in bf16 autocast if asked."""
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
+        batch = transform(pixels[start : start + batch_size].to(device))
+        with autocast:
+            yield model(pixel_values=batch).logits.float()

@@ -42,10 +42,12 @@ class ModelParams:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+MODES = ("full", "head")
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    mode: str  # full: train every weight; head: train the classifier on cached frozen-backbone features
     epochs: int
     batch_size: int
     lr: float
@@ -55,6 +57,7 @@ class TrainParams:
     precision: str  # auto: bf16 where the hardware runs it fast, else fp32
 
     def validate(self) -> None:
+        _require(self.mode in MODES, "train.mode", self.mode, f"one of {', '.join(MODES)}")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")

@@ -1,6 +1,7 @@
 """End to end: the real `dvc repro` / `dvc exp run` in a temporary git repo on real CIFAR-10 images."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-STAGES = ["download", "preprocess", "finetune", "evaluate", "export"]
+FEATURES = {"features@train", "features@val", "features@test"}
+STAGES = {"download", "preprocess", *FEATURES, "finetune", "evaluate", "export"}
 
 
 def run(cmd: list[str], repo: Path) -> str:
@@ -29,7 +31,7 @@ def run(cmd: list[str], repo: Path) -> str:
 
 
 def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", output))
+    return set(re.findall(r"Running stage '([\w@]+)'", output))
 
 
 def set_params(repo: Path, **values) -> None:
@@ -117,7 +119,7 @@ def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit,
     )
 
     # 1. the whole pipeline
-    assert ran_stages(dvc(repo, "repro")) == set(STAGES)
+    assert ran_stages(dvc(repo, "repro")) == STAGES
     evaluation = read_json(repo / "metrics/eval.json")
     assert evaluation["test_images"] == 200
     assert 0 <= evaluation["accuracy_ci95_low"] <= evaluation["accuracy"] <= evaluation["accuracy_ci95_high"] <= 1
@@ -157,8 +159,9 @@ def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit,
 
     # 4. a learning-rate change re-runs finetune, evaluate, export and nothing before them
     assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002")) == {"finetune", "evaluate", "export"}
-    # 5. a fraction change re-runs from preprocess on
-    assert ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02")) == {"preprocess", "finetune", "evaluate", "export"}
+    # 5. a fraction change re-runs from preprocess on, but the test split is the same
+    after_fraction = {"preprocess", "features@train", "features@val", "finetune", "evaluate", "export"}
+    assert ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02")) == after_fraction
     assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
     runs = mlflow_runs(repo)
     assert len(runs) == 3
@@ -209,3 +212,42 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     image, evaluated_label = a_test_image(repo, tmp_path)
     assert classify_in_fresh_python(repo, image, "import stages") == evaluated_label
     assert read_json(repo / "models/export/preprocessor_config.json")["size"] == {"height": 64, "width": 64}
+
+
+def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache, tmp_path):
+    repo = make_repo(
+        tmp_path / "repo", dvc_cache,
+        data__source=str(cifar_archive), model__name=str(tiny_vit), train__mode="head", train__epochs=4, train__lr=3e-3,
+        data__test_fraction=0.02,
+    )
+    assert ran_stages(dvc(repo, "repro")) == STAGES
+    assert list(pd.read_csv(repo / "metrics/finetune_epochs.csv")["epoch"]) == [1, 2, 3, 4]
+
+    # the backbone is the pretrained one, untouched; only the fresh 10-way head was trained
+    from transformers import AutoModelForImageClassification
+
+    pretrained = AutoModelForImageClassification.from_pretrained(tiny_vit).state_dict()
+    tuned = AutoModelForImageClassification.from_pretrained(repo / "models/finetuned").state_dict()
+    assert all(torch.equal(tuned[k], pretrained[k]) for k in tuned if not k.startswith("classifier."))
+    assert tuned["classifier.weight"].shape == (10, 48)
+
+    # evaluate applied the head to cached features: the whole model on the test pixels agrees
+    from stages.dataformat import load_split
+    from stages.evaluate import predict
+    from stages.params import load_params
+
+    os.chdir(repo)  # the stages read params.yaml and data/ relative to the project
+    params = dataclasses.replace(load_params(), train=dataclasses.replace(load_params().train, mode="full"))
+    whole_model, _ = predict(load_split("test"), params)
+    evaluated = pd.read_csv(repo / "metrics/test_predictions.csv")["predicted"]
+    assert [load_split("test").classes[i] for i in whole_model.tolist()] == list(evaluated)
+
+    # a learning-rate change re-trains the head only: the cached features are reused
+    commit(repo, "head mode")
+    output = dvc(repo, "exp", "run", "-S", "train.lr=0.01")
+    assert ran_stages(output) == {"finetune", "evaluate", "export"}
+    # a new share recomputes train/val features; the unchanged test split's are kept
+    assert ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02")) == {
+        "preprocess", "features@train", "features@val", "finetune", "evaluate", "export"
+    }
+    assert read_json(repo / "metrics/finetune.json")["train_images"] == 900

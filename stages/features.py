@@ -1,0 +1,62 @@
+"""Stage 3: with train.mode=head, the frozen backbone's pooled features of one processed split.
+
+Run once per split (`python -m stages.features train|val|test`, a DVC `foreach` stage), so DVC
+caches each split's features by model and data: a learning-rate change re-trains the head in
+seconds, and a new `fraction` or `seed` recomputes train and val but restores the unchanged test
+split's features from the run-cache. The features are what the model's `classifier` receives,
+captured with a hook, so they match the exported model exactly. With train.mode=full the file
+only records that no features are needed.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from stages.dataformat import PROCESSED_SPLITS, features_path, load_split
+from stages.errors import PipelineError, run_stage
+from stages.hardware import pick_device_and_precision
+from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained
+from stages.params import Params, load_params
+
+
+def pooled_features(model: torch.nn.Module, transform: PixelTransform, pixels: torch.Tensor, params: Params, desc: str) -> torch.Tensor:
+    """Float32 N×D: the input of the model's classifier head for every image."""
+    captured: list[torch.Tensor] = []
+    hook = classifier_head(model, params.model.name).register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
+    device, precision = pick_device_and_precision(params.train.precision)
+    try:
+        for _ in forward_batches(model, transform, pixels, params.evaluate.batch_size, device, precision, desc):
+            pass
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in PROCESSED_SPLITS:
+        raise PipelineError(f"usage: python -m stages.features {{{'|'.join(PROCESSED_SPLITS)}}}")
+    name = sys.argv[1]
+    params = load_params()
+    out = features_path(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"mode": params.train.mode, "model": params.model.name, "image_size": str(params.model.image_size)}
+    if params.train.mode == "full":
+        save_file({}, str(out), metadata=metadata)
+        print(f"features {name}: train.mode=full trains every weight; no features needed")
+        return
+
+    check_model_name(params.model.name)
+    split = load_split(name)
+    model, processor = load_pretrained(params.model.name, split.classes, params.model.image_size)
+    transform = PixelTransform(processor)
+    tensors = {"features": pooled_features(model, transform, split.pixels, params, f"features {name}"), "labels": split.labels}
+    if name == "train":  # random flips become a choice between two cached feature rows
+        tensors["flipped"] = pooled_features(model, transform, split.pixels.flip(-1), params, "features train, flipped")
+    save_file(tensors, str(out), metadata=metadata)
+    print(f"features {name}: {tuple(tensors['features'].shape)} pooled features -> {out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
