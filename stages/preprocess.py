@@ -48,17 +48,15 @@ def storage_size(frames: list[pd.DataFrame], params: Params) -> tuple[int, int] 
 
 
 def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], resize_to: tuple[int, int] | None, desc: str) -> TensorSplit:
-    """Decode straight into one preallocated uint8 tensor: no float copies are ever held."""
-    first = decode_rgb(frame["image"].iloc[rows[0]], frame["path"].iloc[rows[0]])
-    width, height = resize_to or first.size
-    pixels = torch.empty((len(rows), 3, height, width), dtype=torch.uint8)
-    for i, row in enumerate(tqdm(rows, desc=desc, unit="img")):
-        img = decode_rgb(frame["image"].iloc[row], frame["path"].iloc[row])
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.BILINEAR)
-        pixels[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    """Decode straight into one preallocated uint8 array: no float copies are ever held."""
+    images, paths = frame["image"].to_numpy(), frame["path"].to_numpy()
+    width, height = resize_to or decode_rgb(images[rows[0]], paths[rows[0]]).size
+    pixels = np.empty((len(rows), height, width, 3), dtype=np.uint8)
+    for i, row in enumerate(tqdm(rows, desc=desc, unit="img", mininterval=1)):
+        img = decode_rgb(images[row], paths[row])
+        pixels[i] = img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
     labels = torch.from_numpy(frame["label"].to_numpy()[rows].astype(np.int64))
-    return TensorSplit(pixels, labels, torch.from_numpy(rows.astype(np.int64)), classes)
+    return TensorSplit(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels, torch.from_numpy(rows.astype(np.int64)), classes)
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ import stages  # noqa: F401
 from stages import efficientnet_lite
 from stages.dataformat import decode_rgb
 from stages.errors import PipelineError
-from stages.modeling import PixelTransform, check_model_name, load_pretrained
+from stages.features import pooled_features
+from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained
+from stages.params import load_params
 
 
 def cifar_images(small_tree, n=8):
@@ -71,3 +73,21 @@ def test_bad_model_names_fail_fast(tmp_path, monkeypatch):
         check_model_name("google/vit-base-patch16-224")
     assert time.monotonic() - started < 30
     check_model_name(efficientnet_lite.NAME)  # embedded: nothing to reach
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", efficientnet_lite.NAME])
+def test_cached_features_through_the_head_give_the_whole_models_logits(small_tree, tiny_vit, name):
+    """Head mode trains and evaluates on hooked features: they must be exactly what the head sees."""
+    vit = name == "tiny-vit"
+    model, processor = load_pretrained(str(tiny_vit) if vit else name, ["cat", "dog", "ship"], image_size=None if vit else 64)
+    pixels = torch.stack([torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for img in cifar_images(small_tree, 6)])
+    transform = PixelTransform(processor)
+    features = pooled_features(model, transform, pixels, load_params(), "features")
+    logits = torch.cat(list(forward_batches(model, transform, pixels, 4, "cpu", "fp32", "logits")))
+    assert features.shape[0] == 6
+    torch.testing.assert_close(model.classifier(features), logits)
+
+
+def test_head_mode_needs_a_classifier_head():
+    with pytest.raises(PipelineError, match="train.mode=head needs a model with a `classifier` head.*train.mode=full"):
+        classifier_head(torch.nn.Linear(2, 2), "some/model")

@@ -46,6 +46,7 @@ def test_repo_params_load_with_the_documented_defaults():
         ("train.lr", 0),
         ("train.epochs", 0),
         ("train.precision", "fp8"),
+        ("train.mode", "frozen"),
         ("train.augment", "yes"),
         ("data.test_fraction", 0),
         ("data.val_fraction", 1),

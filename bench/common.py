@@ -1,0 +1,84 @@
+"""What every benchmark shares: the machine it ran on, medians of repeated timings, result files."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from stages.dataformat import TensorSplit, read_classes, read_raw
+from stages.hardware import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
+RESULTS = ROOT / "bench" / "results"
+REPEATS = 3
+# Runs a stage as `python -m` would, then prints the process's own peak resident memory.
+PEAK = "import resource, runpy, sys; runpy.run_module(sys.argv[1], run_name='__main__'); print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+
+
+def run_stage(name: str, params: dict, work: Path) -> tuple[float, float]:
+    """Run one pipeline stage in `work` with `params`: (wall seconds, peak RSS in MiB)."""
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK, f"stages.{name}"], cwd=work, env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, int(done.stdout.rsplit("peak_kib", 1)[1]) / 1024
+
+
+def project_params() -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = str(ARCHIVE)
+    return params
+
+
+def cifar_work_dir() -> Path:
+    """A scratch project directory whose data/raw holds all of CIFAR-10 (the download stage, run once)."""
+    work = Path(tempfile.gettempdir()) / "bench-cifar10"
+    if not (work / "data/raw/classes.json").exists():
+        work.mkdir(exist_ok=True)
+        run_stage("download", project_params(), work)
+    return work
+
+
+def cifar_images(n: int, split: str = "train") -> TensorSplit:
+    """The first `n` images of a CIFAR-10 split, as the pipeline stores them (uint8, native size)."""
+    from stages.preprocess import to_tensors
+
+    raw = cifar_work_dir() / "data/raw"
+    return to_tensors(read_raw(split, raw), np.arange(n), read_classes(raw), None, f"{split} images")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def median_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:
+    """Median wall time of `work()` over `repeats` runs, after one untimed warm-up run."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def write_result(name: str, title: str, rows: list[dict], notes: list[str]) -> None:
+    """bench/results/<name>.md: a table of `rows` under the machine line, printed too."""
+    header = list(rows[0])
+    lines = [f"# {title}", "", f"Machine: {machine()}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows]
+    lines += ["", *notes, ""]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
