@@ -4,16 +4,7 @@
 # fraction 0.01 and 0.05, three seeds each. One row per run goes to bench/results/accuracy_runs.csv
 # as it finishes; bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
 # Usage: bash bench/accuracy_grid.sh            (about 1.5 hours on 2 CPU cores)
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-archive=$(cd "$root/.." && pwd)/shared/data/cifar10-jpg.tgz
-work=$(mktemp -d)
-log=$(mktemp)  # outside the repo: dvc exp run restores the workspace it runs in
-trap 'rm -rf "$work" "$log"' EXIT
-git -C "$root" ls-files -z | (cd "$root" && xargs -0 cp --parents -t "$work")
-cd "$work"
-git init -q && git config user.name bench && git config user.email bench@example.com
-git add -A && git commit -qm project
+source "$(dirname "$0")/fresh_repo.sh"
 
 common=(-S model.name=efficientnet-lite0 -S "data.source=$archive" -S data.test_fraction=1.0)
 head=(-S train.mode=head -S model.image_size=224 -S train.lr=3e-3 -S train.epochs=30)

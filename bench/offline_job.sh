@@ -1,21 +1,12 @@
 #!/usr/bin/env bash
 # The offline job as a user runs it, timed: a fresh git repo holding this project, then
 #   dvc exp run (fraction 0.01, download included), dvc repro (unchanged),
-#   dvc exp run -S train.lr=... (must not re-run download or preprocess), dvc exp run -S fraction=0.05.
+#   dvc exp run -S train.lr=... (must not re-run download, preprocess or features).
+# (Accuracy per share, with every test image and three seeds, is bench/accuracy_grid.sh's job.)
 # Usage: bash bench/offline_job.sh [extra -S overrides...]   Results: bench/results/offline_job.md
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-archive=$(cd "$root/.." && pwd)/shared/data/cifar10-jpg.tgz
-work=$(mktemp -d)
-log=$(mktemp)  # outside the repo: dvc exp run restores the workspace it runs in
-trap 'rm -rf "$work" "$log"' EXIT
-cp -r "$root/dvc.yaml" "$root/params.yaml" "$root/.gitignore" "$root/data" "$root/models" "$root/metrics" "$work/"
-cp -r "$root/stages" "$work/" && rm -rf "$work"/stages/__pycache__
-cd "$work"
-git init -q && git config user.name bench && git config user.email bench@example.com
-dvc init -q && git add -A && git commit -qm project
+source "$(dirname "$0")/fresh_repo.sh"
 
-offline=(-S model.name=efficientnet-lite0 -S "data.source=$archive" -S train.lr=1e-3 -S model.image_size=128 "$@")
+offline=(-S model.name=efficientnet-lite0 -S "data.source=$archive" -S train.mode=head -S train.lr=3e-3 -S train.epochs=30 -S model.image_size=224 "$@")
 out="$root/bench/results/offline_job.md"
 {
   echo "# Offline job: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, torch $(python -c 'import torch; print(torch.__version__)')"
@@ -31,7 +22,7 @@ step() {  # step LABEL dvc-args...
   local start=$(date +%s.%N)
   dvc "$@" > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
   local secs=$(python -c "print(f'{$(date +%s.%N) - $start:.1f}')")
-  local ran=$(grep -o "Running stage '[a-z]*'" "$log" | cut -d"'" -f2 | paste -sd, -)
+  local ran=$(grep -o "Running stage '[a-z@]*'" "$log" | cut -d"'" -f2 | paste -sd, -)
   python - "$label" "$secs" "${ran:-none}" >> "$out" <<'PY'
 import json, sys
 label, secs, ran = sys.argv[1:]
@@ -42,6 +33,5 @@ PY
 }
 step "dvc exp run <offline> (fraction 0.01)" exp run "${offline[@]}"
 step "dvc repro (unchanged)" repro
-step "dvc exp run <offline> -S train.lr=5e-4" exp run "${offline[@]}" -S train.lr=5e-4
-step "dvc exp run <offline> -S fraction=0.05" exp run "${offline[@]}" -S fraction=0.05
+step "dvc exp run <offline> -S train.lr=1e-3" exp run "${offline[@]}" -S train.lr=1e-3
 cat "$out"
