@@ -58,8 +58,10 @@ def cifar_images(n: int, split: str = "train") -> TensorSplit:
 
 
 def machine() -> str:
+    """The hardware, and how busy it was: other jobs on the same cores slow both sides of a ratio."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}; load average {load:.1f} when written"
 
 
 def median_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:

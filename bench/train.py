@@ -24,6 +24,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 import stages  # noqa: F401  (registers EfficientNet-Lite with the Auto classes)
 from bench.common import cifar_images, write_result
 from bench.models import ARCHITECTURES, save_model
+from stages import efficientnet_lite
 from stages.dataformat import TensorSplit
 from stages.features import pooled_features
 from stages.finetune import Collate, PixelDataset
@@ -106,6 +107,9 @@ def main() -> None:
         _, seed = train(model_dir, seed_dataset(model_dir, split), None, SEED_BATCH, seed_steps, 5e-5, ours=False)
         row = {"model": arch, "seed (224 px, batch 4, fp32) img/s": f"{seed:.1f}"}
         for size in (224, 128):
+            if size != 224 and arch != efficientnet_lite.NAME:  # ViT-B/16's position embeddings are for 224 px
+                row[f"ours full {size} px img/s"] = "n/a"
+                continue
             sized = resized(model_dir, size)
             collate = Collate(PixelTransform(AutoImageProcessor.from_pretrained(sized)))
             _, ours = train(sized, PixelDataset(split, augment=True), collate, OUR_BATCH, 3, 5e-4, ours=True)
