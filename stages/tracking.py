@@ -47,7 +47,7 @@ SYSTEM_METRICS_STAGES = ("finetune", "evaluate")
 SYSTEM_METRICS_INTERVAL_S = 1  # a two-minute stage gets a curve of ~120 points
 # Stages that run after preprocess, on data/processed as it is now (download runs before it).
 DATA_STAGES = ("preprocess", "finetune", "evaluate", "export")
-REACH_TIMEOUT_S = 5
+REACH_TIMEOUT_S = 10  # a server busy with other clients may take seconds; a closed port fails at once
 # MLflow retries a failed HTTP request 7 times with backoff (minutes); once is enough to know.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -106,7 +106,7 @@ def data_digest(path: Path) -> str:
 
 @dataclass
 class _Session:
-    """The run a stage logs to; `None` once tracking has failed, so the stage carries on untracked."""
+    """The run a stage logs to; `run_id` is None once tracking has failed, and the stage carries on untracked."""
 
     uri: str
     stage: str
@@ -122,8 +122,8 @@ class _Session:
                 "or fix MLFLOW_TRACKING_URI, or set tracking.required: false to run without tracking"
             )
         print(
-            f"warning: MLflow tracking at {self.uri} failed ({reason}): the {self.stage} stage's {what} and anything after "
-            "it were not logged to MLflow; the results are in DVC's files (metrics/, dvc exp show). "
+            f"warning: MLflow tracking at {self.uri} failed ({reason}): nothing more from the {self.stage} stage was logged "
+            f"to MLflow, starting with its {what}; the results are in DVC's files (metrics/, dvc exp show). "
             "Set tracking.required: true to make this an error.",
             file=sys.stderr,
         )
