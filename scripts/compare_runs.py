@@ -104,12 +104,12 @@ def shown(page, text: str):
 
 
 def screenshot_comparison(url: str, experiment_id: str, run_ids: list[str], out: Path) -> str:
-    """Open the comparison page, wait until the runs' values show, save a full-page PNG; return the page text."""
+    """Open the comparison page, wait until the runs' values show, save a PNG of it; return the page text."""
     from playwright.sync_api import sync_playwright
 
     page_url = f"{url}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root, as in CI, has no sandbox
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
             page.goto(page_url)
@@ -129,7 +129,7 @@ def screenshot_comparison(url: str, experiment_id: str, run_ids: list[str], out:
             for text in MUST_SHOW:
                 shown(page, text).wait_for(timeout=10_000)
             out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
+            page.locator("main").first.screenshot(path=str(out))  # the comparison, without the side panels
             return page.inner_text("body")
         finally:
             browser.close()

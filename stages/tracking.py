@@ -62,6 +62,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def artifact_location() -> str | None:
+    """For the default store, mlruns/ beside mlflow.db, not in a queued experiment's temporary copy."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
+
+
 def execution_id() -> str:
     """host:pid:start-time of the nearest `dvc` ancestor process, else of this process."""
     proc = psutil.Process()
@@ -109,6 +114,7 @@ class _Session:
     """The run a stage logs to; `run_id` is None once tracking has failed, and the stage carries on untracked."""
 
     uri: str
+    artifact_location: str | None  # read before mlflow.set_tracking_uri, which sets MLFLOW_TRACKING_URI
     stage: str
     required: bool
     run_id: str | None = None
@@ -157,13 +163,9 @@ def _check_reachable(uri: str) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).raise_for_status()
 
 
-def _experiment_id(name: str) -> str:
-    """The default store's artifacts go beside mlflow.db, not into a queued experiment's temporary copy."""
+def _experiment_id(name: str, location: str | None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
 
 
 def _find_run(experiment_id: str, execution: str) -> str | None:
@@ -176,7 +178,7 @@ def _find_run(experiment_id: str, execution: str) -> str | None:
 def _start(params: Params, stage: str) -> mlflow.ActiveRun:
     """Re-open this execution's run, or open it: the first stage logs params and the identifying tags."""
     _check_reachable(mlflow.get_tracking_uri())
-    experiment_id = _experiment_id(params.tracking.experiment)
+    experiment_id = _experiment_id(params.tracking.experiment, _session.artifact_location)
     execution = execution_id()
     system_metrics = stage in SYSTEM_METRICS_STAGES
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -197,7 +199,7 @@ def _start(params: Params, stage: str) -> mlflow.ActiveRun:
 def pipeline_run(params: Params, stage: str) -> Iterator[None]:
     """This execution's run, open while `stage` runs; its wall time is logged as `<stage>_seconds`."""
     global _session
-    _session = _Session(tracking_uri(), stage, params.tracking.required)
+    _session = _Session(tracking_uri(), artifact_location(), stage, params.tracking.required)
     mlflow.set_tracking_uri(_session.uri)
     try:
         _session.run_id = _start(params, stage).info.run_id

@@ -21,6 +21,7 @@ def test_the_default_store_is_the_project_root_even_in_a_queued_experiments_copy
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(project))  # what DVC sets for a queued experiment's stages
     assert tracking.tracking_uri() == f"sqlite:///{project}/mlflow.db"
+    assert tracking.artifact_location() == f"file://{project}/mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
 
