@@ -18,7 +18,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from stages.dataformat import RAW_DIR, SPLITS, decode_rgb, raw_path
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.hub import check_on_hub, looks_like_hub_id
 from stages.params import load_params
 from stages import tracking
@@ -151,9 +151,8 @@ def main() -> None:
     write_raw(classes, records)
     counts = {split: len(rows) for split, rows in records.items()}
     print(f"download: {len(classes)} classes, " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" images -> {RAW_DIR}/")
-    with tracking.pipeline_run(params):
-        tracking.log_metrics({f"data.{split}_images_total": n for split, n in counts.items()} | {"data.classes": len(classes)})
+    tracking.log_metrics({f"data.{split}_images_total": n for split, n in counts.items()} | {"data.classes": len(classes)})
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage("download", main)

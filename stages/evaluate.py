@@ -2,7 +2,8 @@
 
 Writes metrics/eval.json (accuracy 0-1 and the number of test images), metrics/eval_per_class.csv,
 metrics/test_predictions.csv (one row per test image: the DVC confusion plot and the export check
-read it) and metrics/confusion_matrix.png.
+read it), metrics/confusion_matrix.png and metrics/misclassified.png (the most confidently wrong
+test images with their true and predicted labels).
 """
 from __future__ import annotations
 
@@ -10,20 +11,16 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from scipy.stats import binomtest
-from sklearn.metrics import ConfusionMatrixDisplay, classification_report
+from sklearn.metrics import classification_report
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
-from stages import tracking
+from stages import figures, tracking
 from stages.dataformat import FEATURES_DIR, TensorSplit, load_features, load_split
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.finetune import FINETUNED_DIR
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, classifier_head, forward_batches
@@ -33,6 +30,7 @@ METRICS_FILE = Path("metrics/eval.json")
 PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
 PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
 CONFUSION_PNG = Path("metrics/confusion_matrix.png")
+MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 
 
 @torch.inference_mode()
@@ -54,15 +52,6 @@ def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Ten
         logits = torch.cat([batch.cpu() for batch in forward_batches(model, transform, split.pixels, params.evaluate.batch_size, device, precision, "evaluate")])
     confidence, pred = logits.softmax(-1).max(-1)
     return pred, confidence
-
-
-def save_confusion_png(actual: list[str], predicted: list[str], classes: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(classes), 1 + 0.6 * len(classes)))
-    ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=classes, ax=ax, xticks_rotation=45, colorbar=False)
-    ax.set_title("Test confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -96,15 +85,15 @@ def main() -> None:
     pd.DataFrame({"index": test.index.numpy(), "actual": actual, "predicted": predicted, "confidence": confidences.numpy()}).to_csv(
         PREDICTIONS_FILE, index=False
     )
-    save_confusion_png(actual, predicted, test.classes, CONFUSION_PNG)
+    figures.save(figures.confusion(actual, predicted, test.classes), CONFUSION_PNG)
+    figures.save(figures.most_confidently_wrong(test.pixels, actual, predicted, confidences), MISCLASSIFIED_PNG)
     print(f"evaluate: accuracy {metrics['accuracy']:.4f} (95% CI {interval.low:.4f}-{interval.high:.4f}) on {n} test images")
 
-    with tracking.pipeline_run(params):
-        tracking.log_metrics({"test_" + k.removeprefix("test_"): v for k, v in metrics.items()})
-        tracking.log_metrics({f"test_f1.{row['class']}": row["f1-score"] for row in per_class.to_dict("records")})
-        for path in (CONFUSION_PNG, PER_CLASS_FILE):
-            tracking.log_artifact(path)
+    tracking.log_metrics({"test_" + k.removeprefix("test_"): v for k, v in metrics.items()})
+    tracking.log_metrics({f"test_f1.{row['class']}": row["f1-score"] for row in per_class.to_dict("records")})
+    for path in (CONFUSION_PNG, MISCLASSIFIED_PNG, PER_CLASS_FILE):
+        tracking.log_artifact(path)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage("evaluate", main)

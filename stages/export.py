@@ -7,6 +7,8 @@ A ViT export needs only transformers; an EfficientNet-Lite export needs `import 
 image processor from the original image files, re-classifies a batch of test images; it must give
 the labels the evaluate stage gave (up to `export.min_agreement`: the processor resizes in PIL,
 which rounds to whole pixel values), and so reproduce the accuracy measured on those images.
+Once proven, the model is logged to the run with MLflow's transformers flavour and registered as
+`tracking.registered_model`, its newest version aliased `candidate`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import tracking
 from stages.dataformat import decode_rgb, read_raw
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.evaluate import PREDICTIONS_FILE
 from stages.finetune import FINETUNED_DIR
 from stages.hardware import pick_device_and_precision
@@ -69,14 +71,15 @@ def main() -> None:
         f"export: {EXPORT_DIR}/ re-classified {check['check_images']} test images from the original files: "
         f"accuracy {check['pipeline_accuracy']:.4f} vs evaluated {check['evaluated_accuracy']:.4f}, agreement {check['agreement']:.4f}"
     )
-    with tracking.pipeline_run(params):
-        tracking.log_metrics({f"export_{k}": v for k, v in check.items()})
+    tracking.log_metrics({f"export_{k}": v for k, v in check.items()})
     if check["agreement"] < params.export.min_agreement:
         raise PipelineError(
             f"the exported model agrees with the evaluated predictions on only {check['agreement']:.2%} of {check['check_images']} "
             f"test images (export.min_agreement={params.export.min_agreement}): its image processor does not match training; see {METRICS_FILE}"
         )
+    example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
+    tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage("export", main)

@@ -14,8 +14,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from stages import tracking
 from stages.dataformat import PROCESSED_SPLITS, features_path, load_split
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained
 from stages.params import Params, load_params
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage(f"features_{(sys.argv[1:] or ['split'])[0]}", main)

@@ -33,9 +33,9 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from stages import tracking
+from stages import figures, tracking
 from stages.dataformat import FEATURES_DIR, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, check_model_name, classifier_head, load_pretrained
 from stages.params import Params, load_params
@@ -246,12 +246,12 @@ def main() -> None:
     METRICS_FILE.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
 
-    with tracking.pipeline_run(params):
-        tracking.set_tags({"hardware.device": device, "hardware.precision": precision})
-        for row in epochs.to_dict("records"):
-            tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
-        tracking.log_metrics(summary)
+    tracking.set_tags({"hardware.device": device, "hardware.precision": precision})
+    for row in epochs.to_dict("records"):
+        tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
+    tracking.log_metrics(summary)
+    tracking.log_figure(figures.learning_curves(epochs), "learning_curves.png")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage("finetune", main)

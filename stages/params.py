@@ -87,9 +87,12 @@ class ExportParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment: str  # MLflow experiment the runs are filed under
+    registered_model: str  # MLflow registry name the exported model is registered under
+    required: bool  # fail a stage when MLflow cannot log, instead of warning and carrying on
 
     def validate(self) -> None:
         _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
+        _require(bool(self.registered_model.strip()), "tracking.registered_model", self.registered_model, "a non-empty name")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages import tracking
 from stages.dataformat import PROCESSED_DIR, TensorSplit, decode_rgb, processed_path, read_classes, read_raw, save_split, split_off, stratified_share
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError
 from stages.params import Params, load_params
 
 
@@ -76,9 +76,8 @@ def main() -> None:
         sizes[name] = len(split)
     shape = "x".join(map(str, split.pixels.shape[1:]))
     print(f"preprocess: {sizes} images of {shape} uint8 -> {PROCESSED_DIR}/" + (f" (resized to {resize_to})" if resize_to else ""))
-    with tracking.pipeline_run(params):
-        tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
+    tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    tracking.run_tracked_stage("preprocess", main)

@@ -1,26 +1,70 @@
 """One MLflow run per pipeline execution, shared by the stages that execution runs.
 
 DVC starts each stage as its own process, so the stages find their common run by a tag: the
-`dvc` process (`dvc repro`, `dvc exp run`, a queue worker) they all descend from. A stage started
-by hand has no such ancestor and gets a run of its own.
-The store defaults to `mlflow.db` (SQLite) in the project; MLFLOW_TRACKING_URI overrides it.
+`dvc` process (`dvc repro`, `dvc exp run`, a queue worker's `dvc exp exec-run`) they all descend
+from. A stage started by hand has no such ancestor and gets a run of its own. Each stage runs inside
+the run (`run_tracked_stage`), which records its wall time, and for finetune and evaluate MLflow's
+system metrics (CPU, memory, GPU where present) every second.
+
+The store defaults to `mlflow.db` (SQLite) in the project root, also for queued and `--temp`
+experiments, which DVC runs in a copy under .dvc/tmp/exps/; MLFLOW_TRACKING_URI overrides it.
+If the store cannot be reached, or fails mid-stage, the stage still completes (its results are in
+DVC's files) and prints one warning; with `tracking.required: true` it fails instead.
 """
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import os
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import pandas as pd
 import psutil
+import requests
 
 from stages import hardware
-from stages.params import Params, flatten
+from stages.errors import PipelineError, run_stage
+from stages.params import Params, flatten, load_params
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
+DATA_TAG = "data.processed_md5"  # the md5 DVC records for data/processed in dvc.lock
+MODEL_ALIAS = "candidate"
+SYSTEM_METRICS_STAGES = ("finetune", "evaluate")
+SYSTEM_METRICS_INTERVAL_S = 1  # a two-minute stage gets a curve of ~120 points
+# Stages that run after preprocess, on data/processed as it is now (download runs before it).
+DATA_STAGES = ("preprocess", "finetune", "evaluate", "export")
+REACH_TIMEOUT_S = 10  # a server busy with other clients may take seconds; a closed port fails at once
+# MLflow retries a failed HTTP request 7 times with backoff (minutes); once is enough to know.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def project_root() -> Path:
+    """DVC sets DVC_ROOT for every stage, to the real project even in a queued experiment's copy."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def artifact_location() -> str | None:
+    """For the default store, mlruns/ beside mlflow.db, not in a queued experiment's temporary copy."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
 
 
 def execution_id() -> str:
@@ -37,6 +81,93 @@ def execution_id() -> str:
     return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
 
 
+def git_commit() -> str:
+    """The commit the experiment is based on (DVC says so for experiments), else HEAD."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else "none"
+
+
+def without_credentials(value: object) -> object:
+    """A URL's user:password@ part removed: a parameter may name a source that carries a token."""
+    if not isinstance(value, str) or "@" not in value or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def data_digest(path: Path) -> str:
+    """The md5 DVC records for a directory output (dvc.lock's `md5: ....dir`), computed as DVC does."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
+    return obj.hash_info.value
+
+
+@dataclass
+class _Session:
+    """The run a stage logs to; `run_id` is None once tracking has failed, and the stage carries on untracked."""
+
+    uri: str
+    artifact_location: str | None  # read before mlflow.set_tracking_uri, which sets MLFLOW_TRACKING_URI
+    stage: str
+    required: bool
+    run_id: str | None = None
+
+    def fail(self, what: str, err: Exception) -> None:
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}"
+        self.run_id = None  # nothing more is sent: one failure, one message
+        if self.required:
+            raise PipelineError(
+                f"MLflow tracking at {self.uri} failed ({reason}) while logging {what}; start the tracking server "
+                "or fix MLFLOW_TRACKING_URI, or set tracking.required: false to run without tracking"
+            )
+        print(
+            f"warning: MLflow tracking at {self.uri} failed ({reason}): nothing more from the {self.stage} stage was logged "
+            f"to MLflow, starting with its {what}; the results are in DVC's files (metrics/, dvc exp show). "
+            "Set tracking.required: true to make this an error.",
+            file=sys.stderr,
+        )
+
+
+_session: _Session | None = None
+
+
+def _tracked(what: str) -> Callable:
+    """Log only inside a stage's run, and turn a tracking failure into the session's one warning."""
+
+    def wrap(log: Callable) -> Callable:
+        @functools.wraps(log)
+        def guarded(*args, **kwargs):
+            if _session is None or _session.run_id is None:
+                return None
+            try:
+                return log(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001  (any store or network failure: results stay in DVC's files)
+                _session.fail(what, err)
+                return None
+
+        return guarded
+
+    return wrap
+
+
+def _check_reachable(uri: str) -> None:
+    """Ask an HTTP server once, briefly, rather than through MLflow's retries."""
+    if uri.startswith(("http://", "https://")):
+        requests.get(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).raise_for_status()
+
+
+def _experiment_id(name: str, location: str | None) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
+
+
 def _find_run(experiment_id: str, execution: str) -> str | None:
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1, output_format="list"
@@ -44,34 +175,127 @@ def _find_run(experiment_id: str, execution: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-@contextmanager
-def pipeline_run(params: Params) -> Iterator[mlflow.ActiveRun]:
-    """Open (or re-open) this execution's run; the first stage to open it logs params and hardware."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
-    experiment = mlflow.set_experiment(params.tracking.experiment)
+def _start(params: Params, stage: str) -> mlflow.ActiveRun:
+    """Re-open this execution's run, or open it: the first stage logs params and the identifying tags."""
+    _check_reachable(mlflow.get_tracking_uri())
+    experiment_id = _experiment_id(params.tracking.experiment, _session.artifact_location)
     execution = execution_id()
-    run_id = _find_run(experiment.experiment_id, execution)
+    system_metrics = stage in SYSTEM_METRICS_STAGES
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    run_id = _find_run(experiment_id, execution)
     if run_id:
-        with mlflow.start_run(run_id=run_id) as run:
-            yield run
-        return
+        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
     exp_name = os.environ.get("DVC_EXP_NAME")
-    tags = {EXECUTION_TAG: execution, **hardware.describe()}
+    tags = {EXECUTION_TAG: execution, "git.commit": git_commit(), "model.name": str(without_credentials(params.model.name))}
+    tags |= hardware.describe()
     if exp_name:
         tags["dvc.exp_name"] = exp_name
-    with mlflow.start_run(run_name=exp_name, tags=tags) as run:
-        mlflow.log_params(flatten(params))
-        yield run
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=exp_name, tags=tags, log_system_metrics=system_metrics)
+    mlflow.log_params({key: without_credentials(value) for key, value in flatten(params).items()})
+    return run
 
 
+@contextmanager
+def pipeline_run(params: Params, stage: str) -> Iterator[None]:
+    """This execution's run, open while `stage` runs; its wall time is logged as `<stage>_seconds`."""
+    global _session
+    _session = _Session(tracking_uri(), artifact_location(), stage, params.tracking.required)
+    mlflow.set_tracking_uri(_session.uri)
+    try:
+        _session.run_id = _start(params, stage).info.run_id
+    except Exception as err:  # noqa: BLE001  (unreachable server, bad URI, locked database: the stage runs untracked)
+        _session.fail("params, metrics and artifacts", err)
+    started = time.perf_counter()
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+        log_metrics({f"{stage}_seconds": round(time.perf_counter() - started, 2)})
+        if stage in DATA_STAGES:
+            _log_data(params)
+    finally:
+        _end(status)
+        _session = None
+
+
+@_tracked("end of run")
+def _end(status: str) -> None:
+    mlflow.end_run(status)
+
+
+@_tracked("data digest and dataset")
+def _log_data(params: Params) -> None:
+    """Tag the processed data's DVC md5 and record its splits as the run's inputs, once per run."""
+    from stages.dataformat import PROCESSED_DIR, PROCESSED_SPLITS, load_split
+
+    if DATA_TAG in mlflow.get_run(_session.run_id).data.tags:
+        return
+    digest = data_digest(PROCESSED_DIR)
+    mlflow.set_tag(DATA_TAG, digest)
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        for name in PROCESSED_SPLITS:
+            split = load_split(name)
+            labels = pd.DataFrame({"label": [split.classes[i] for i in split.labels.tolist()]})
+            source = str(without_credentials(params.data.source))
+            dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest.removesuffix(".dir"))
+            mlflow.log_input(dataset, context=name)
+
+
+def run_tracked_stage(stage: str, main: Callable[[], None]) -> None:
+    """run_stage(main) inside this execution's MLflow run."""
+
+    def tracked() -> None:
+        with pipeline_run(load_params(), stage):
+            main()
+
+    run_stage(tracked)
+
+
+@_tracked("metrics")
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+@_tracked("tags")
 def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
+@_tracked("artifacts")
 def log_artifact(path: Path) -> None:
     mlflow.log_artifact(str(path))
+
+
+@_tracked("figures")
+def log_figure(figure, name: str) -> None:
+    mlflow.log_figure(figure, name)
+
+
+@_tracked("the model")
+def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str) -> None:
+    """Log an image-classification model directory with the transformers flavour, register it, alias it."""
+    from huggingface_hub import ModelCard, constants
+    from PIL import Image
+    from transformers import pipeline
+
+    classify = pipeline("image-classification", model=str(model_dir))
+    [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
+    example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
+    card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
+    # The model is a local directory: MLflow would look its license up on the Hub, retrying for a minute offline.
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+        info = mlflow.transformers.log_model(
+            classify,
+            name="model",
+            task="image-classification",
+            input_example=example,
+            signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
+            model_card=card,
+            model_config={"top_k": 1},
+            # MLflow's default list for image models names torchvision, which the pipeline does not use.
+            pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
+            registered_model_name=registered_name,
+        )
+    mlflow.MlflowClient().set_registered_model_alias(registered_name, MODEL_ALIAS, info.registered_model_version)
+    print(f"tracking: registered {registered_name} version {info.registered_model_version} as @{MODEL_ALIAS}")

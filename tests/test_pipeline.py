@@ -1,4 +1,5 @@
-"""End to end: the real `dvc repro` / `dvc exp run` in a temporary git repo on real CIFAR-10 images."""
+"""End to end: the real `dvc repro` / `dvc exp run` in a temporary git repo on real CIFAR-10 images,
+tracked on a real `mlflow server` and looked at in a real browser."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,25 +9,31 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import torch
 import yaml
 
+from scripts.compare_runs import free_port, mlflow_server, screenshot_comparison
 from tests.conftest import ROOT
 
 FEATURES = {"features@train", "features@val", "features@test"}
 STAGES = {"download", "preprocess", *FEATURES, "finetune", "evaluate", "export"}
 
 
-def run(cmd: list[str], repo: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+SECRET = "hf_not-a-real-token-0123456789"  # set in the pipeline's environment: must not reach MLflow
+
+
+def run(cmd: list[str], repo: Path, env: dict[str, str] | None = None, status: int = 0) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run(cmd, cwd=repo, env=clean | (env or {}), capture_output=True, text=True, check=False)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    assert done.returncode == status, f"{' '.join(cmd)} exited {done.returncode}:\n{output[-4000:]}"
     return output
 
 
@@ -73,14 +80,25 @@ def commit(repo: Path, message: str) -> None:
     run(["git", "commit", "-q", "-m", message], repo)
 
 
-def dvc(repo: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "dvc", *args], repo)
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return run([sys.executable, "-m", "dvc", *args], repo, env)
 
 
 def mlflow_runs(repo: Path) -> list:
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("cifar10-transfer")
     return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
+
+
+def wait_for_queue(repo: Path, timeout_s: int = 900) -> str:
+    """`dvc queue status` once no experiment is queued or running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = dvc(repo, "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, f"the queue did not finish in {timeout_s} s:\n{status}"
+        time.sleep(5)
 
 
 def read_json(path: Path) -> dict:
@@ -109,65 +127,158 @@ def assert_same_weights(left: Path, right: Path) -> None:
 def classify_in_fresh_python(repo: Path, image: Path, preamble: str) -> str:
     """The label transformers.pipeline gives `image` with models/export, in a new interpreter."""
     code = f"{preamble}\nfrom transformers import pipeline\nprint('label=' + pipeline('image-classification', model='models/export')('{image}')[0]['label'])"
-    return re.search(r"^label=(.*)$", run([sys.executable, "-c", code], repo), re.M).group(1)
+    return re.search(r"^label=(.*)$", run([sys.executable, "-c", code], repo), re.MULTILINE).group(1)
 
 
-def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit, dvc_cache, tmp_path):
+class Rest:
+    """The tracking server's REST API, as any client sees it."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def get(self, path: str, **params) -> dict:
+        answer = requests.get(f"{self.url}/api/2.0/mlflow/{path}", params=params, timeout=30)
+        answer.raise_for_status()
+        return answer.json()
+
+    def runs(self, experiment: str = "cifar10-transfer") -> list[dict]:
+        experiment_id = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+        answer = requests.post(
+            f"{self.url}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [experiment_id], "order_by": ["attributes.start_time ASC"]}, timeout=30,
+        )
+        answer.raise_for_status()
+        return answer.json().get("runs", [])
+
+
+def as_dict(entries: list[dict]) -> dict[str, str]:
+    return {entry["key"]: entry["value"] for entry in entries}
+
+
+def processed_md5(repo: Path) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    [out] = [o for o in lock["stages"]["preprocess"]["outs"] if o["path"] == "data/processed"]
+    return out["md5"]
+
+
+def git_head(repo: Path) -> str:
+    return run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -> None:
+    """One execution's run holds its params, curves, system metrics, tags, dataset and artifacts, and no secret."""
+    run_id = run["info"]["run_id"]
+    params, metrics, tags = (as_dict(run["data"].get(k, [])) for k in ("params", "metrics", "tags"))
+    assert params["model.name"] and params["train.lr"]
+    evaluation = read_json(repo / "metrics/eval.json")
+    assert metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert metrics["train_images_per_second"] > 0 and metrics["test_eval_images_per_second"] > 0
+    assert {f"{stage}_seconds" for stage in stages_run} <= set(metrics)
+    history = rest.get("metrics/get-history", run_id=run_id, metric_key="val_accuracy")["metrics"]
+    assert [m["step"] for m in history] == [1, 2]
+    cpu = rest.get("metrics/get-history", run_id=run_id, metric_key="system/cpu_utilization_percentage")["metrics"]
+    assert len(cpu) >= 3 and "system/system_memory_usage_megabytes" in metrics  # sampled each second in finetune and evaluate
+    assert tags["hardware.device"] == "cpu" and tags["hardware.precision"] == "fp32"
+    assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
+    assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
+    assert tags["git.commit"] == git_head(repo) and tags["model.name"] == params["model.name"]
+    assert tags["data.processed_md5"] == processed_md5(repo)
+    inputs = {i["dataset"]["name"]: i for i in run["inputs"]["dataset_inputs"]}
+    sizes = {name: json.loads(i["dataset"]["profile"])["num_rows"] for name, i in inputs.items()}
+    finetune = read_json(repo / "metrics/finetune.json")
+    assert sizes == {"processed-train": finetune["train_images"], "processed-val": finetune["val_images"], "processed-test": evaluation["test_images"]}
+    assert {i["dataset"]["digest"] for i in inputs.values()} == {processed_md5(repo).removesuffix(".dir")}
+    artifacts = {f["path"]: f for f in rest.get("artifacts/list", run_id=run_id)["files"]}
+    for name in ("learning_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert int(artifacts[name]["file_size"]) > 10_000, name
+    assert int(artifacts["eval_per_class.csv"]["file_size"]) == (repo / "metrics/eval_per_class.csv").stat().st_size
+    assert SECRET not in json.dumps(run)
+
+
+def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cache, tmp_path):
     repo = make_repo(
         tmp_path / "repo", dvc_cache,
         data__source=str(cifar_archive), model__name=str(tiny_vit), train__epochs=2, train__lr=1e-3, data__test_fraction=0.02,
     )
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts") as url:
+        rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url, "HF_TOKEN": SECRET}
 
-    # 1. the whole pipeline
-    assert ran_stages(dvc(repo, "repro")) == STAGES
-    evaluation = read_json(repo / "metrics/eval.json")
-    assert evaluation["test_images"] == 200
-    assert 0 <= evaluation["accuracy_ci95_low"] <= evaluation["accuracy"] <= evaluation["accuracy_ci95_high"] <= 1
-    finetune = read_json(repo / "metrics/finetune.json")
-    assert (finetune["train_images"], finetune["val_images"]) == (450, 50)
-    epochs = pd.read_csv(repo / "metrics/finetune_epochs.csv")
-    assert list(epochs["epoch"]) == [1, 2] and epochs["val_accuracy"].max() == finetune["best_val_accuracy"]
-    per_class = pd.read_csv(repo / "metrics/eval_per_class.csv")
-    assert len(per_class) == 10 and per_class["support"].sum() == 200
-    assert (repo / "metrics/confusion_matrix.png").stat().st_size > 10_000
-    export_check = read_json(repo / "metrics/export.json")
-    assert export_check["check_images"] == 200 and export_check["agreement"] >= 0.95
-    assert abs(export_check["pipeline_accuracy"] - export_check["evaluated_accuracy"]) <= 0.02
-    config = read_json(repo / "models/export/config.json")
-    assert config["id2label"]["3"] == "cat" and (repo / "models/export/model.safetensors").exists()
+        # 1. the whole pipeline
+        output = dvc(repo, "repro", env=env)
+        assert ran_stages(output) == STAGES
+        evaluation = read_json(repo / "metrics/eval.json")
+        assert evaluation["test_images"] == 200
+        assert 0 <= evaluation["accuracy_ci95_low"] <= evaluation["accuracy"] <= evaluation["accuracy_ci95_high"] <= 1
+        finetune = read_json(repo / "metrics/finetune.json")
+        assert (finetune["train_images"], finetune["val_images"]) == (450, 50)
+        epochs = pd.read_csv(repo / "metrics/finetune_epochs.csv")
+        assert list(epochs["epoch"]) == [1, 2] and epochs["val_accuracy"].max() == finetune["best_val_accuracy"]
+        per_class = pd.read_csv(repo / "metrics/eval_per_class.csv")
+        assert len(per_class) == 10 and per_class["support"].sum() == 200
+        assert (repo / "metrics/confusion_matrix.png").stat().st_size > 10_000
+        assert (repo / "metrics/misclassified.png").stat().st_size > 10_000
+        export_check = read_json(repo / "metrics/export.json")
+        assert export_check["check_images"] == 200 and export_check["agreement"] >= 0.95
+        assert abs(export_check["pipeline_accuracy"] - export_check["evaluated_accuracy"]) <= 0.02
+        config = read_json(repo / "models/export/config.json")
+        assert config["id2label"]["3"] == "cat" and (repo / "models/export/model.safetensors").exists()
 
-    # 2. one MLflow run for the execution, holding params, curves, test accuracy and hardware
-    [first] = mlflow_runs(repo)
-    assert first.data.params["fraction"] == "0.01" and first.data.params["model.name"] == str(tiny_vit)
-    assert first.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
-    history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2]
-    tags = first.data.tags
-    assert tags["hardware.device"] == "cpu" and tags["hardware.precision"] == "fp32"
-    assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
-    assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
+        # 2. one run for the execution on the server, everything in it; the model registered @candidate
+        [first] = rest.runs()
+        check_tracked_run(rest, first, repo, ran_stages(output))
+        assert as_dict(first["data"]["params"])["fraction"] == "0.01"
+        alias = rest.get("registered-models/alias", name="cifar10-classifier", alias="candidate")["model_version"]
+        assert alias["version"] == "1" and alias["run_id"] == first["info"]["run_id"]
+        image, evaluated_label = a_test_image(repo, tmp_path)
+        mlflow.set_tracking_uri(url)
+        registered = mlflow.pyfunc.load_model("models:/cifar10-classifier@candidate")
+        assert registered.predict([str(image)]).iloc[0, 0]["label"] == evaluated_label
 
-    plots = json.loads(dvc(repo, "plots", "show", "--json"))
-    assert not plots.get("errors")
-    named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png"}
-    assert set(plots["data"]) == named and all(plots["data"][name] for name in named)
+        plots = json.loads(dvc(repo, "plots", "show", "--json"))
+        assert not plots.get("errors")
+        named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png", "metrics/misclassified.png"}
+        assert set(plots["data"]) == named and all(plots["data"][name] for name in named)
 
-    # 3. nothing changed: nothing runs, no new MLflow run
-    assert ran_stages(dvc(repo, "repro")) == set()
-    assert len(mlflow_runs(repo)) == 1
-    commit(repo, "baseline")
+        # 3. nothing changed: nothing runs, no new run
+        assert ran_stages(dvc(repo, "repro", env=env)) == set()
+        assert len(rest.runs()) == 1
+        commit(repo, "baseline")
 
-    # 4. a learning-rate change re-runs finetune, evaluate, export and nothing before them
-    assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002")) == {"finetune", "evaluate", "export"}
-    # 5. a fraction change re-runs from preprocess on, but the test split is the same
-    after_fraction = {"preprocess", "features@train", "features@val", "finetune", "evaluate", "export"}
-    assert ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02")) == after_fraction
-    assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
-    runs = mlflow_runs(repo)
-    assert len(runs) == 3
-    for later in runs[1:]:
-        assert later.info.run_name == later.data.tags["dvc.exp_name"]  # named after the DVC experiment
-    assert runs[2].data.params["fraction"] == "0.02"
+        # 4. a learning-rate change re-runs finetune, evaluate, export and nothing before them
+        assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002", env=env)) == {"finetune", "evaluate", "export"}
+        # 5. a fraction change re-runs from preprocess on, but the test split is the same
+        output = dvc(repo, "exp", "run", "-S", "fraction=0.02", env=env)
+        assert ran_stages(output) == {"preprocess", "features@train", "features@val", "finetune", "evaluate", "export"}
+        assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
+        runs = rest.runs()
+        assert len(runs) == 3
+        for later in runs[1:]:
+            tags = as_dict(later["data"]["tags"])
+            assert later["info"]["run_name"] == tags["dvc.exp_name"]  # named after the DVC experiment
+        check_tracked_run(rest, runs[2], repo, ran_stages(output))
+        assert as_dict(runs[2]["data"]["params"])["fraction"] == "0.02"
+        alias = rest.get("registered-models/alias", name="cifar10-classifier", alias="candidate")["model_version"]
+        assert alias["version"] == "3" and alias["run_id"] == runs[2]["info"]["run_id"]  # the newest version
+
+        # 6. the comparison of the two fractions in the MLflow UI, in headless Chromium
+        page = screenshot_comparison(url, runs[0]["info"]["experiment_id"], [runs[0]["info"]["run_id"], runs[2]["info"]["run_id"]], tmp_path / "compare.png")
+        assert "0.01" in page and "0.02" in page and as_dict(first["data"]["tags"])["hardware.cpu"] in page
+        assert f"{evaluation['accuracy']:.3f}".rstrip("0").rstrip(".") in page  # the UI shows 3 decimals at most
+        assert (tmp_path / "compare.png").stat().st_size > 50_000
+
+    # 7. the server is gone: the pipeline still completes, one warning a stage says what was not logged
+    closed = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    output = dvc(repo, "exp", "run", "-S", "evaluate.batch_size=32", env=closed)
+    assert ran_stages(output) == FEATURES | {"evaluate", "export"}  # the features stages batch by it too
+    warnings = [line for line in output.splitlines() if line.startswith("warning: MLflow tracking")]
+    assert len(warnings) == 5 and all("was logged to MLflow" in w and "tracking.required: true" in w for w in warnings)
+    assert read_json(repo / "metrics/eval.json")["test_images"] == 200
+    # ... and with tracking.required the stage fails, in one line naming the problem and the fix
+    set_params(repo, tracking__required=True)
+    failed = run([sys.executable, "-m", "stages.evaluate"], repo, closed, status=2)
+    assert failed.strip().splitlines()[-1].startswith(f"error: MLflow tracking at {closed['MLFLOW_TRACKING_URI']} failed (ConnectionError")
+    assert "set tracking.required: false" in failed
+    set_params(repo, tracking__required=False)
 
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     experiments = [exp for row in shown for exp in (row.get("experiments") or [])]
@@ -175,19 +286,36 @@ def test_tiny_vit_pipeline_repro_experiments_and_resume(cifar_archive, tiny_vit,
         run["data"]["params"]["params.yaml"]["data"]["fraction"] for exp in experiments for run in exp["revs"]
     }
     assert {0.02} <= fractions
+    lr_exp, fraction_exp = (r["info"]["run_name"] for r in runs[1:])  # DVC's names, as MLflow shows them
+    diff = json.loads(dvc(repo, "plots", "diff", lr_exp, fraction_exp, "--json"))
+    assert not diff.get("errors")
+    for curve in ("Loss per epoch", "Validation accuracy per epoch"):
+        [rendered] = diff["data"][curve]
+        assert set(rendered["revisions"]) == {lr_exp, fraction_exp}
 
-    # 6. the exported ViT needs nothing but transformers; the CLI classifies image files
+    # 8. a queued experiment, run by `dvc queue start` in a copy under .dvc/tmp/exps, logs to the project's mlflow.db
+    dvc(repo, "exp", "run", "--queue", "--name", "queued-frac", "-S", "fraction=0.015")
+    dvc(repo, "queue", "start")
+    assert "Success" in wait_for_queue(repo)
+    assert (repo / "mlruns").is_dir()  # its artifacts too, beside mlflow.db
+    [queued] = mlflow_runs(repo)
+    assert queued.info.run_name == queued.data.tags["dvc.exp_name"] == "queued-frac"
+    assert queued.data.params["fraction"] == "0.015" and queued.data.metrics["test_accuracy"] >= 0
+    assert queued.data.tags["git.commit"] == git_head(repo) and queued.data.tags["data.processed_md5"].endswith(".dir")
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(queued.info.run_id)} >= {"misclassified.png", "learning_curves.png"}
+
+    # 9. the exported ViT needs nothing but transformers; the CLI classifies image files
     image, evaluated_label = a_test_image(repo, tmp_path)
     assert classify_in_fresh_python(repo, image, "") == evaluated_label
     assert f"{image}\t{evaluated_label}\t" in run([sys.executable, "-m", "stages.predict", str(image)], repo)
 
-    # 7. the kept model is the best epoch's, whole (transformers 5 renames ViT weights on load)
+    # 10. the kept model is the best epoch's, whole (transformers 5 renames ViT weights on load)
     checkpoints = sorted((repo / "models/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = read_json(checkpoints[-1] / "trainer_state.json")
     assert state["best_metric"] == read_json(repo / "metrics/finetune.json")["best_val_accuracy"]
     assert_same_weights(repo / "models/finetuned", repo / state["best_model_checkpoint"])
 
-    # 8. an interrupted finetune resumes from its last checkpoint and ends exactly where it would have
+    # 11. an interrupted finetune resumes from its last checkpoint and ends exactly where it would have
     before = pd.read_csv(repo / "metrics/finetune_epochs.csv")
     shutil.rmtree(checkpoints[-1])  # as if killed during the last epoch
     assert f"resuming from models/checkpoints/{checkpoints[0].name}" in run([sys.executable, "-m", "stages.finetune"], repo)
@@ -211,10 +339,13 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
     image, evaluated_label = a_test_image(repo, tmp_path)
     assert classify_in_fresh_python(repo, image, "import stages") == evaluated_label
+    # registered in the project's own store (MLflow's loader cannot build this custom class: see the README)
+    version = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "candidate")
+    assert version.run_id == tracked.info.run_id and version.status == "READY"
     assert read_json(repo / "models/export/preprocessor_config.json")["size"] == {"height": 64, "width": 64}
 
 
-def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache, tmp_path):
+def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache, tmp_path, monkeypatch):
     repo = make_repo(
         tmp_path / "repo", dvc_cache,
         data__source=str(cifar_archive), model__name=str(tiny_vit), train__mode="head", train__epochs=4, train__lr=3e-3,
@@ -236,7 +367,7 @@ def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache,
     from stages.evaluate import predict
     from stages.params import load_params
 
-    os.chdir(repo)  # the stages read params.yaml and data/ relative to the project
+    monkeypatch.chdir(repo)  # the stages read params.yaml and data/ relative to the project
     params = dataclasses.replace(load_params(), train=dataclasses.replace(load_params().train, mode="full"))
     whole_model, _ = predict(load_split("test"), params)
     evaluated = pd.read_csv(repo / "metrics/test_predictions.csv")["predicted"]

@@ -1,0 +1,155 @@
+"""Screenshot the MLflow UI's comparison of two runs that differ in `fraction`, in headless Chromium.
+
+    python scripts/compare_runs.py                        # the project's mlflow.db -> docs/mlflow_compare.png
+    python scripts/compare_runs.py --tracking-uri http://127.0.0.1:5000 --out /tmp/compare.png
+
+Starts `mlflow server` on loopback over the store (unless given an http:// tracking URI), picks the
+two newest finished runs with different `fraction`, opens their comparison in Debian's `chromium`
+through Playwright, checks that test accuracy, fraction and the hardware show, and saves the page.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+MUST_SHOW = ("test_accuracy", "fraction", "hardware.cpu")
+START_TIMEOUT_S = 90
+ROW_IN_VIEW = """([grid, name]) => {
+    const row = [...grid.querySelectorAll('*')].filter(e => e.textContent.trim() === name).pop();
+    if (!row) return false;
+    const [outer, inner] = [grid.getBoundingClientRect(), row.getBoundingClientRect()];
+    return inner.top >= outer.top && inner.bottom <= outer.bottom;
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 and a free port, stopped (with its workers) whatever happens."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        # Without the job runner and its task consumers (GenAI evaluation jobs): a dozen fewer processes.
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                try:
+                    if requests.get(f"{url}/health", timeout=2).ok:
+                        break
+                except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"mlflow server did not start on {url}:\n{log.read().decode(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def runs_to_compare(url: str, experiment: str) -> tuple[str, list[str]]:
+    """(experiment id, [two newest finished run ids with different fraction]) through the REST API."""
+    got = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=10)
+    got.raise_for_status()
+    experiment_id = got.json()["experiment"]["experiment_id"]
+    found = requests.post(
+        f"{url}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment_id], "filter": "attributes.status = 'FINISHED'", "order_by": ["attributes.start_time DESC"]},
+        timeout=10,
+    )
+    found.raise_for_status()
+    by_fraction: dict[str, str] = {}
+    for run in found.json().get("runs", []):
+        fraction = next((p["value"] for p in run["data"].get("params", []) if p["key"] == "fraction"), None)
+        if fraction is not None:
+            by_fraction.setdefault(fraction, run["info"]["run_id"])
+    if len(by_fraction) < 2:
+        raise SystemExit(f"error: experiment {experiment!r} has no two finished runs with different fraction; run e.g. dvc exp run -S fraction=0.02")
+    return experiment_id, list(by_fraction.values())[:2]
+
+
+def shown(page, text: str):
+    """The first visible element whose whole text is `text` (hidden copies sit in folded plot menus)."""
+    return page.get_by_text(text, exact=True).filter(visible=True).first
+
+
+def screenshot_comparison(url: str, experiment_id: str, run_ids: list[str], out: Path) -> str:
+    """Open the comparison page, wait until the runs' values show, save a PNG of it; return the page text."""
+    from playwright.sync_api import sync_playwright
+
+    page_url = f"{url}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root, as in CI, has no sandbox
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(page_url)
+            shown(page, "best_epoch").wait_for(timeout=60_000)
+            for section in ("Visualizations", "Artifacts"):  # folded, so that params, metrics and tags fit one screen
+                page.get_by_text(section, exact=True).first.click()
+            # The metrics table renders only the rows in its 300 px window, names and values in two grids:
+            # scroll both, a row at a time, until the accuracy's row is inside the window.
+            box = shown(page, "best_epoch").locator("xpath=ancestor::div[contains(@class, 'collapse-content-box')]")
+            grids = box.locator(".ReactVirtualized__Grid").element_handles()
+            for _ in range(100):
+                if page.evaluate(ROW_IN_VIEW, [grids[0], "test_accuracy"]):
+                    break
+                page.evaluate("([names, values]) => { values.scrollTop += 44; names.scrollTop = values.scrollTop; }", grids)
+                page.wait_for_timeout(150)
+            page.wait_for_timeout(500)
+            for text in MUST_SHOW:
+                shown(page, text).wait_for(timeout=10_000)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.locator("main").first.screenshot(path=str(out))  # the comparison, without the side panels
+            return page.inner_text("body")
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--experiment", default="cifar10-transfer")
+    parser.add_argument("--out", type=Path, default=Path("docs/mlflow_compare.png"))
+    args = parser.parse_args()
+    if args.tracking_uri.startswith("http"):
+        server = nullcontext(args.tracking_uri)
+    else:
+        server = mlflow_server(args.tracking_uri, Path("mlartifacts").resolve())
+    with server as url:
+        experiment_id, run_ids = runs_to_compare(url, args.experiment)
+        screenshot_comparison(url, experiment_id, run_ids, args.out)
+    print(f"compared runs {', '.join(run_ids)}: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

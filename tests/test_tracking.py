@@ -1,0 +1,70 @@
+"""Tracking without a pipeline: where the default store is, what is never logged, what happens when MLflow is down."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from scripts.compare_runs import free_port
+from stages import figures, tracking
+from stages.errors import PipelineError
+from stages.params import load_params
+from tests.conftest import ROOT
+
+
+def test_the_default_store_is_the_project_root_even_in_a_queued_experiments_copy(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    copy = project / ".dvc" / "tmp" / "exps" / "tmp1234"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(project))  # what DVC sets for a queued experiment's stages
+    assert tracking.tracking_uri() == f"sqlite:///{project}/mlflow.db"
+    assert tracking.artifact_location() == f"file://{project}/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_credentials_in_a_url_are_not_logged():
+    assert tracking.without_credentials("https://user:hf_secret@example.org/data.tgz") == "https://example.org/data.tgz"
+    assert tracking.without_credentials("uoft-cs/cifar10") == "uoft-cs/cifar10"
+    assert tracking.without_credentials(0.01) == 0.01
+
+
+def closed_server_params(monkeypatch, tmp_path, required: bool):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    params = load_params(ROOT / "params.yaml")
+    return dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, required=required))
+
+
+def test_an_unreachable_server_costs_one_warning_and_nothing_else(tmp_path, monkeypatch, capsys):
+    params = closed_server_params(monkeypatch, tmp_path, required=False)
+    (tmp_path / "report.csv").write_text("class,f1\ncat,0.5\n")
+    with tracking.pipeline_run(params, "evaluate"):
+        tracking.log_metrics({"test_accuracy": 0.5})
+        tracking.set_tags({"hardware.device": "cpu"})
+        tracking.log_artifact(tmp_path / "report.csv")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: MLflow tracking at http://127.0.0.1:")
+    assert "nothing more from the evaluate stage was logged to MLflow, starting with its params, metrics and artifacts" in lines[0]
+    assert "tracking.required: true" in lines[0]
+
+
+def test_a_required_server_that_is_unreachable_stops_the_stage(tmp_path, monkeypatch):
+    params = closed_server_params(monkeypatch, tmp_path, required=True)
+    expected = r"^MLflow tracking at http://127\.0\.0\.1:\d+ failed \(ConnectionError.*tracking\.required: false"
+    with pytest.raises(PipelineError, match=expected), tracking.pipeline_run(params, "finetune"):
+        pytest.fail("the stage must not run untracked when tracking.required is true")
+
+
+def test_the_gallery_shows_the_most_confidently_wrong_images_first():
+    pixels = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    actual = ["cat", "dog", "ship", "cat"]
+    predicted = ["cat", "cat", "dog", "ship"]  # image 0 is right; 1, 2 and 3 are wrong
+    confidence = torch.tensor([0.99, 0.6, 0.9, 0.7])
+    fig = figures.most_confidently_wrong(pixels, actual, predicted, confidence)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["true: ship\npredicted: dog (90%)", "true: cat\npredicted: ship (70%)", "true: dog\npredicted: cat (60%)"]
+    assert fig.texts[0].get_text() == "Most confidently wrong test images (3 of 3 wrong)"
