@@ -29,11 +29,14 @@ def main() -> None:
     ]
     for (mode, fraction), row in summary.iterrows():
         lines.append(
-            f"| {mode} | {fraction} | {row.train_images:,} | {row.seeds} | {row.accuracy_mean:.3f} ± {row.accuracy_std:.3f} | {row.wall_seconds_median:.0f} |"
+            f"| {mode} | {fraction} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f} ± {row.accuracy_std:.3f} | {row.wall_seconds_median:.0f} |"
         )
     lines += ["", "Every run (95% Wilson interval of each accuracy):", "", "| train.mode | fraction | seed | test accuracy (95% CI) | wall s | stages run |", "| --- | --- | --- | --- | --- | --- |"]
     for run in runs.itertuples():
         lines.append(f"| {run.mode} | {run.fraction} | {run.seed} | {run.accuracy:.4f} ({run.ci95_low:.3f}-{run.ci95_high:.3f}) | {run.wall_seconds:.0f} | {run.stages_run} |")
+    missing = sorted({"head", "full"} - set(runs["mode"]))
+    if missing:
+        lines += ["", f"Not run yet: train.mode={', '.join(missing)} (the grid was stopped before reaching it)."]
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -9,6 +9,7 @@ only records that no features are needed.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -42,7 +43,8 @@ def main() -> None:
     params = load_params()
     out = features_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"mode": params.train.mode, "model": params.model.name, "image_size": str(params.model.image_size)}
+    # One key: safetensors writes several in a random order, and DVC would see a changed file.
+    metadata = {"made_by": json.dumps({"mode": params.train.mode, "model": params.model.name, "image_size": params.model.image_size})}
     if params.train.mode == "full":
         save_file({}, str(out), metadata=metadata)
         print(f"features {name}: train.mode=full trains every weight; no features needed")
