@@ -3,7 +3,7 @@
 # repo holding this project, on all 10,000 CIFAR-10 test images, for train.mode head and full,
 # fraction 0.01 and 0.05, three seeds each. One row per run goes to bench/results/accuracy_runs.csv
 # as it finishes; bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
-# Usage: bash bench/accuracy_grid.sh            (about 1.5 hours on 2 CPU cores)
+# Usage: bash bench/accuracy_grid.sh   (hours: its six head-mode runs took 2 hours on 2 shared CPU cores)
 source "$(dirname "$0")/fresh_repo.sh"
 
 common=(-S model.name=efficientnet-lite0 -S "data.source=$archive" -S data.test_fraction=1.0)
