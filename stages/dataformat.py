@@ -116,10 +116,13 @@ def features_path(split: str, root: Path = FEATURES_DIR) -> Path:
     return root / f"{split}.safetensors"
 
 
-def load_features(split: str) -> dict[str, torch.Tensor]:
-    """`features`, `labels` (and `flipped` for train) of a processed split, as the features stage cached them."""
+def load_features(split: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`features`, `labels` (and `flipped` for train) of a processed split, as the features stage cached
+    them; `labels` are the processed split's, to catch features left over from other data."""
     path = features_path(split)
     tensors = load_file(str(path)) if path.exists() else {}
     if "features" not in tensors:
         raise PipelineError(f"{path} holds no features; with train.mode=head run the features stage first (dvc repro features)")
+    if not torch.equal(tensors["labels"], labels):
+        raise PipelineError(f"{path} was computed from other data; re-run the features stage (dvc repro features)")
     return tensors

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages import figures, tracking
-from stages.dataformat import FEATURES_DIR, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
+from stages.dataformat import PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, check_model_name, classifier_head, load_pretrained
@@ -176,13 +176,11 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     return best, processor, epoch_table(trainer.state.log_history), result.metrics["train_samples_per_second"]
 
 
-def train_head(params: Params, train: TensorSplit) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
+def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
     """Only the classifier, on the cached features, in a plain loop: same outputs as train_full."""
     model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     head = classifier_head(model, params.model.name)
-    data, val = load_features("train"), load_features("val")
-    if not torch.equal(data["labels"], train.labels):
-        raise PipelineError(f"{FEATURES_DIR} was computed from other data; re-run the features stage (dvc repro features)")
+    data, val = load_features("train", train.labels), load_features("val", val_split.labels)
     n, batch_size, epochs = len(data["labels"]), params.train.batch_size, params.train.epochs
     steps = epochs * math.ceil(n / batch_size)
     optimizer = torch.optim.AdamW(head.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
@@ -223,7 +221,7 @@ def main() -> None:
     resume = prepare_checkpoints(inputs_fingerprint(params))
     started = time.perf_counter()
     if params.train.mode == "head":
-        model, processor, epochs, images_per_second = train_head(params, train)
+        model, processor, epochs, images_per_second = train_head(params, train, val)
     else:
         model, processor, epochs, images_per_second = train_full(params, train, val, device, precision, resume)
     seconds = time.perf_counter() - started
