@@ -2,21 +2,25 @@
 # Test accuracy per data share, as a user gets it: `dvc exp run` of the offline job in a fresh git
 # repo holding this project, on all 10,000 CIFAR-10 test images, for train.mode head and full,
 # fraction 0.01 and 0.05, three seeds each. One row per run goes to bench/results/accuracy_runs.csv
-# as it finishes; bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
-# Usage: bash bench/accuracy_grid.sh   (hours: its six head-mode runs took 2 hours on 2 shared CPU cores)
+# as it finishes, replacing earlier rows of the modes it runs; bench/accuracy_table.py then summarises
+# them (mean ± std) in accuracy.md.
+# Usage: bash bench/accuracy_grid.sh [head] [full]   (both by default; hours on 2 CPU cores)
 source "$(dirname "$0")/fresh_repo.sh"
 
 common=(-S model.name=efficientnet-lite0 -S "data.source=$archive" -S data.test_fraction=1.0)
 head=(-S train.mode=head -S model.image_size=224 -S train.lr=3e-3 -S train.epochs=30)
 full=(-S train.mode=full -S model.image_size=128 -S train.lr=5e-4 -S train.epochs=5)
+modes=("$@"); [ $# -gt 0 ] || modes=(head full)
 runs="$root/bench/results/accuracy_runs.csv"
-echo "mode,fraction,seed,accuracy,ci95_low,ci95_high,test_images,train_images,wall_seconds,stages_run" > "$runs"
+header="mode,fraction,seed,accuracy,ci95_low,ci95_high,test_images,train_images,wall_seconds,stages_run"
+kept=$( [ -f "$runs" ] && tail -n +2 "$runs" | grep -v -E "^($(IFS='|'; echo "${modes[*]}")),") || true
+printf '%s\n' "$header" ${kept:+"$kept"} > "$runs"
 
 python -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['data']['source'] = sys.argv[1]; yaml.safe_dump(p, open('params.yaml', 'w'), sort_keys=False)" "$archive"
 dvc repro download > "$log" 2>&1 || { tail -20 "$log"; exit 1; }  # not timed: the same for every run
 git add -A && git commit -qm download
 
-for mode in head full; do
+for mode in "${modes[@]}"; do
   for fraction in 0.01 0.05; do
     for seed in 42 43 44; do
       if [ "$mode" = head ]; then recipe=("${head[@]}"); else recipe=("${full[@]}"); fi
