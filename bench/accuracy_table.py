@@ -31,6 +31,8 @@ def main() -> None:
         lines.append(
             f"| {mode} | {fraction} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f} ± {row.accuracy_std:.3f} | {row.wall_seconds_median:.0f} |"
         )
+    better = summary["accuracy_mean"].groupby(level="fraction").idxmax()
+    lines += ["", "Better mode per share: " + "; ".join(f"{fraction}: {mode} ({summary.loc[(mode, fraction), 'accuracy_mean']:.3f})" for fraction, (mode, _) in better.items()) + "."]
     lines += ["", "Every run (95% Wilson interval of each accuracy):", "", "| train.mode | fraction | seed | test accuracy (95% CI) | wall s | stages run |", "| --- | --- | --- | --- | --- | --- |"]
     for run in runs.itertuples():
         lines.append(f"| {run.mode} | {run.fraction} | {run.seed} | {run.accuracy:.4f} ({run.ci95_low:.3f}-{run.ci95_high:.3f}) | {run.wall_seconds:.0f} | {run.stages_run} |")
