@@ -58,7 +58,8 @@ def cifar_images(n: int, split: str = "train") -> TensorSplit:
 
 
 def machine() -> str:
-    """The hardware, and how busy it was: other jobs on the same cores slow both sides of a ratio."""
+    """The hardware, and how busy it was: other jobs on the same cores slow the seed's small batches
+    more than ours, so a ratio measured under load overstates the speed-up."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0]
     return f"{cpu_model()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}; load average {load:.1f} when written"
