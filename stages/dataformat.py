@@ -7,6 +7,9 @@ data/processed/  the drawn shares as safetensors: `pixels` uint8 N×3×H×W, `la
 data/features/   `<split>.safetensors`, with train.mode=head: the frozen backbone's pooled features
                  of each processed split (`features` float32 N×D, `labels`; train also `flipped`,
                  the features of its mirrored images); metadata says which model and mode made them.
+models/finetuned/  the fine-tuned model and its image processor (save_pretrained).
+metrics/test_predictions.csv  one row per evaluated test image: raw `index`, actual, predicted, confidence.
+models/export/   the proven, self-contained export of models/finetuned.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ PROCESSED_DIR = Path("data/processed")
 SPLITS = ("train", "test")
 PROCESSED_SPLITS = ("train", "val", "test")
 FEATURES_DIR = Path("data/features")
+FINETUNED_DIR = Path("models/finetuned")
+PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
+EXPORT_DIR = Path("models/export")
 
 
 def raw_path(split: str, root: Path = RAW_DIR) -> Path:

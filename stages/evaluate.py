@@ -19,16 +19,14 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import figures, tracking
-from stages.dataformat import TensorSplit, load_features, load_split
+from stages.dataformat import FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_features, load_split
 from stages.errors import PipelineError
-from stages.finetune import FINETUNED_DIR
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, classifier_head, forward_batches
 from stages.params import Params, load_params
 
 METRICS_FILE = Path("metrics/eval.json")
 PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
-PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
 CONFUSION_PNG = Path("metrics/confusion_matrix.png")
 MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 

@@ -21,14 +21,11 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import tracking
-from stages.dataformat import decode_rgb, read_raw
+from stages.dataformat import EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, decode_rgb, read_raw
 from stages.errors import PipelineError
-from stages.evaluate import PREDICTIONS_FILE
-from stages.finetune import FINETUNED_DIR
 from stages.hardware import pick_device_and_precision
 from stages.params import load_params
 
-EXPORT_DIR = Path("models/export")
 METRICS_FILE = Path("metrics/export.json")
 
 

@@ -34,14 +34,13 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages import figures, tracking
-from stages.dataformat import PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
+from stages.dataformat import FINETUNED_DIR, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, check_model_name, classifier_head, load_pretrained
 from stages.params import Params, load_params
 
 CHECKPOINT_DIR = Path("models/checkpoints")
-FINETUNED_DIR = Path("models/finetuned")
 FINGERPRINT_FILE = CHECKPOINT_DIR / "inputs.json"
 METRICS_FILE = Path("metrics/finetune.json")
 EPOCHS_FILE = Path("metrics/finetune_epochs.csv")

@@ -10,9 +10,8 @@ from pathlib import Path
 from transformers import pipeline
 
 import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
-from stages.dataformat import decode_rgb
+from stages.dataformat import EXPORT_DIR, decode_rgb
 from stages.errors import PipelineError, run_stage
-from stages.export import EXPORT_DIR
 
 
 def classify(model_dir: Path, paths: list[Path], top_k: int = 1) -> list[list[dict]]:
