@@ -1,5 +1,7 @@
 """What the stages hand each other on disk.
 
+data/inputs/     `source.json`, `model.json`: what `data.source` and `model.name` name, with a content
+                 digest of a local path (the inputs stage), so DVC sees a changed folder.
 data/raw/        whole dataset as received: `<split>.parquet` (encoded image bytes, source path,
                  integer label; Hugging Face `Image`/`ClassLabel` features) and `classes.json`.
 data/processed/  the drawn shares as safetensors: `pixels` uint8 N×3×H×W, `labels` int64, and
@@ -28,6 +30,9 @@ from sklearn.model_selection import train_test_split
 
 from stages.errors import PipelineError
 
+INPUTS_DIR = Path("data/inputs")
+SOURCE_INPUT = INPUTS_DIR / "source.json"
+MODEL_INPUT = INPUTS_DIR / "model.json"
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 SPLITS = ("train", "test")

@@ -12,6 +12,7 @@ import json
 import shutil
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,13 @@ OFFLINE_HINT = "point data.source at a local folder or archive laid out <split>/
 
 # (split, class name, where it came from, encoded bytes)
 Record = tuple[str, str, str, bytes]
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    records: dict[str, list[Record]]  # split -> its images
+    revision: str | None = None  # the Hub commit downloaded; None for a local source or offline
 
 
 def _split_and_class(member: str) -> tuple[str, str] | None:
@@ -66,14 +74,16 @@ def records_from_archive(path: Path) -> Iterator[Record]:
         raise PipelineError(f"data.source={str(path)!r} is not a readable archive ({err}); re-create it as .tgz or .zip") from None
 
 
-def load_hub(repo_id: str) -> tuple[list[str], dict[str, list[Record]]]:
+def load_hub(repo_id: str) -> Dataset:
     import datasets
 
-    check_on_hub(repo_id, "dataset", "data.source", OFFLINE_HINT)
-    return records_from_datasets(datasets.load_dataset(repo_id), repo_id)
+    revision = check_on_hub(repo_id, "dataset", "data.source", OFFLINE_HINT)
+    loaded = records_from_datasets(datasets.load_dataset(repo_id, revision=revision), repo_id)
+    loaded.revision = revision
+    return loaded
 
 
-def records_from_datasets(dsets, name: str) -> tuple[list[str], dict[str, list[Record]]]:
+def records_from_datasets(dsets, name: str) -> Dataset:
     """A DatasetDict with 'train' and 'test' splits, one Image column and one ClassLabel column
     (`img`/`label` in uoft-cs/cifar10); class names come from the ClassLabel."""
     import datasets
@@ -95,10 +105,10 @@ def records_from_datasets(dsets, name: str) -> tuple[list[str], dict[str, list[R
             (split, classes[row[label_col]], row[image_col]["path"] or f"{name}/{split}/{i}", row[image_col]["bytes"])
             for i, row in enumerate(tqdm(table, desc=f"reading {split}", unit="img"))
         ]
-    return classes, records
+    return Dataset(classes, records)
 
 
-def load_local(path: Path) -> tuple[list[str], dict[str, list[Record]]]:
+def load_local(path: Path) -> Dataset:
     records: dict[str, list[Record]] = {s: [] for s in SPLITS}
     source = records_from_folder(path) if path.is_dir() else records_from_archive(path)
     for record in tqdm(source, desc=f"reading {path.name}", unit="img"):
@@ -110,10 +120,10 @@ def load_local(path: Path) -> tuple[list[str], dict[str, list[Record]]]:
     extra = sorted({r[1] for r in records["test"]} - set(classes))
     if extra:
         raise PipelineError(f"data.source={str(path)!r}: test class {extra[0]!r} has no train images; every test class needs a train folder")
-    return classes, records
+    return Dataset(classes, records)
 
 
-def resolve_source(source: str) -> tuple[list[str], dict[str, list[Record]]]:
+def resolve_source(source: str) -> Dataset:
     path = Path(source).expanduser()
     if path.is_dir() or (path.is_file() and source.endswith(ARCHIVE_SUFFIXES)):
         return load_local(path)
@@ -124,9 +134,12 @@ def resolve_source(source: str) -> tuple[list[str], dict[str, list[Record]]]:
     raise PipelineError(f"data.source={source!r}: no such file or folder; give an existing path (relative to the project root) or a Hub dataset id")
 
 
-def write_raw(classes: list[str], records: dict[str, list[Record]], out: Path = RAW_DIR) -> None:
-    """Decode-check every image, then write one parquet file per split (a few files hash fast in DVC)."""
+def write_raw(dataset: Dataset, source: str, out: Path = RAW_DIR) -> None:
+    """Decode-check every image, then write one parquet file per split (a few files hash fast in DVC),
+    the class names, and where the data came from (with the Hub revision, pinned by dvc.lock)."""
     import datasets
+
+    classes, records = dataset.classes, dataset.records
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     label_of = {name: i for i, name in enumerate(classes)}
@@ -143,15 +156,16 @@ def write_raw(classes: list[str], records: dict[str, list[Record]], out: Path = 
     for split, table in tables.items():
         table.to_parquet(str(raw_path(split, out)))
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    (out / "source.json").write_text(json.dumps({"data.source": source, "revision": dataset.revision}, indent=2) + "\n")
 
 
 def main() -> None:
     params = load_params()
-    classes, records = resolve_source(params.data.source)
-    write_raw(classes, records)
-    counts = {split: len(rows) for split, rows in records.items()}
-    print(f"download: {len(classes)} classes, " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" images -> {RAW_DIR}/")
-    tracking.log_metrics({f"data.{split}_images_total": n for split, n in counts.items()} | {"data.classes": len(classes)})
+    dataset = resolve_source(params.data.source)
+    write_raw(dataset, params.data.source)
+    counts = {split: len(rows) for split, rows in dataset.records.items()}
+    print(f"download: {len(dataset.classes)} classes, " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" images -> {RAW_DIR}/")
+    tracking.log_metrics({f"data.{split}_images_total": n for split, n in counts.items()} | {"data.classes": len(dataset.classes)})
 
 
 if __name__ == "__main__":

@@ -73,9 +73,11 @@ def main() -> None:
         "macro_f1": report["macro avg"]["f1-score"],
         "eval_images_per_second": round(n / seconds, 2),
     }
+    # The precision the test logits were computed in (here, or by the features stage in head mode).
+    precision = pick_device_and_precision(params.train.precision)[1]
 
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+    METRICS_FILE.write_text(json.dumps(metrics | {"precision": precision}, indent=2) + "\n")
     per_class = pd.DataFrame(report).T.loc[test.classes].rename_axis("class").reset_index()
     per_class.to_csv(PER_CLASS_FILE, index=False)
     pd.DataFrame({"index": test.index.numpy(), "actual": actual, "predicted": predicted, "confidence": confidences.numpy()}).to_csv(

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,10 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages import figures, tracking
-from stages.dataformat import FINETUNED_DIR, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
+from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, check_model_name, classifier_head, load_pretrained
+from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained
 from stages.params import Params, load_params
 
 CHECKPOINT_DIR = Path("models/checkpoints")
@@ -92,10 +93,16 @@ def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, 
     model.train()
 
 
-def inputs_fingerprint(params: Params) -> dict:
-    """What the checkpoints depend on: resuming is only safe when all of it is unchanged."""
-    digests = {name: hashlib.sha256(processed_path(name).read_bytes()).hexdigest() for name in PROCESSED_SPLITS}
-    return {"seed": params.seed, "model": vars(params.model), "train": vars(params.train), "data": digests}
+def inputs_fingerprint(params: Params, device: str, precision: str) -> dict:
+    """What the checkpoints depend on: resuming is only safe when all of it is unchanged. The code of
+    every project module counts (more than finetune imports: a needless restart is safe, a stale resume not)."""
+    data = {name: hashlib.sha256(processed_path(name).read_bytes()).hexdigest() for name in PROCESSED_SPLITS}
+    code = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(Path(__file__).parent.glob("*.py"))}
+    return {
+        "seed": params.seed, "model": vars(params.model), "train": vars(params.train), "data": data,
+        "pretrained": json.loads(MODEL_INPUT.read_text()) if MODEL_INPUT.exists() else None,  # a local model's contents
+        "code": code, "versions": {p: version(p) for p in ("torch", "transformers")}, "device": device, "precision": precision,
+    }
 
 
 def prepare_checkpoints(fingerprint: dict) -> str | None:
@@ -217,7 +224,7 @@ def main() -> None:
     train, val = load_split("train"), load_split("val")
     device, precision = pick_device_and_precision(params.train.precision)
     set_seed(params.seed)  # the new head's initial weights
-    resume = prepare_checkpoints(inputs_fingerprint(params))
+    resume = prepare_checkpoints(inputs_fingerprint(params, device, precision))
     started = time.perf_counter()
     if params.train.mode == "head":
         model, processor, epochs, images_per_second = train_head(params, train, val)
@@ -238,12 +245,14 @@ def main() -> None:
         "train_seconds": round(seconds, 2),
         "train_images_per_second": round(images_per_second, 2),
     }
+    # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
+    provenance = {"device": device, "precision": precision, "base_model_revision": base_model_revision(params.model.name)}
     EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
     epochs.to_csv(EPOCHS_FILE, index=False)
-    METRICS_FILE.write_text(json.dumps(summary, indent=2) + "\n")
+    METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
 
-    tracking.set_tags({"hardware.device": device, "hardware.precision": precision})
+    tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(provenance["base_model_revision"])})
     for row in epochs.to_dict("records"):
         tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
     tracking.log_metrics(summary)

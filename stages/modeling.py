@@ -45,6 +45,17 @@ def _in_local_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def base_model_revision(name: str) -> str | None:
+    """The commit of a Hub model that from_pretrained resolved (its snapshot in the Hugging Face cache);
+    None for a local directory or the embedded model, whose contents the inputs stage digests."""
+    if name == efficientnet_lite.NAME or Path(name).expanduser().exists() or not looks_like_hub_id(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
 def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
     """(model with a fresh `len(classes)`-way head, its image processor, resized to `image_size` if given)."""
     id2label = dict(enumerate(classes))

@@ -1,3 +1,4 @@
+import json
 import time
 
 import datasets
@@ -9,54 +10,57 @@ from stages.errors import PipelineError
 from tests.conftest import SMALL_CLASSES, jpeg_bytes
 
 
-def summary(classes, records):
+def summary(dataset):
     """Class names, and per split the sorted (class, file name, bytes) triples."""
-    return classes, {split: sorted((r[1], r[2].rsplit("/", 1)[-1], r[3]) for r in rows) for split, rows in records.items()}
+    return dataset.classes, {split: sorted((r[1], r[2].rsplit("/", 1)[-1], r[3]) for r in rows) for split, rows in dataset.records.items()}
 
 
 def test_folder_gives_classes_from_the_data(small_tree):
-    classes, records = resolve_source(str(small_tree))
-    assert classes == sorted(SMALL_CLASSES)  # a 3-class folder gives 3 classes
-    assert {s: len(r) for s, r in records.items()} == {"train": 60, "test": 18}
-    assert decode_rgb(records["train"][0][3], "x").size == (32, 32)
+    dataset = resolve_source(str(small_tree))
+    assert dataset.classes == sorted(SMALL_CLASSES)  # a 3-class folder gives 3 classes
+    assert {s: len(r) for s, r in dataset.records.items()} == {"train": 60, "test": 18}
+    assert decode_rgb(dataset.records["train"][0][3], "x").size == (32, 32)
+    assert dataset.revision is None
 
 
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_archives_read_the_same_as_the_folder(small_tree, small_archives, kind):
-    assert summary(*resolve_source(str(small_archives[kind]))) == summary(*resolve_source(str(small_tree)))
+    assert summary(resolve_source(str(small_archives[kind]))) == summary(resolve_source(str(small_tree)))
 
 
 def test_hub_schema_dataset_is_converted(small_tree, tmp_path):
     """A local dataset laid out as uoft-cs/cifar10 on the Hub: parquet shards, `img` and `label` columns."""
-    classes, records = resolve_source(str(small_tree))
+    local = resolve_source(str(small_tree))
+    classes, records = local.classes, local.records
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     for split, rows in records.items():
         table = datasets.Dataset.from_dict(
             {"img": [{"bytes": r[3], "path": None} for r in rows], "label": [classes.index(r[1]) for r in rows]}, features=features
         )
         table.to_parquet(str(tmp_path / "plain_text" / f"{split}-00000-of-00001.parquet"))
-    hub_classes, hub_records = records_from_datasets(datasets.load_dataset(str(tmp_path)), "local/cifar-like")
-    assert hub_classes == classes
-    assert sorted((r[1], r[3]) for r in hub_records["test"]) == sorted((r[1], r[3]) for r in records["test"])
+    hub = records_from_datasets(datasets.load_dataset(str(tmp_path)), "local/cifar-like")
+    assert hub.classes == classes
+    assert sorted((r[1], r[3]) for r in hub.records["test"]) == sorted((r[1], r[3]) for r in records["test"])
 
 
 def test_raw_format_round_trip(small_tree, tmp_path):
-    classes, records = resolve_source(str(small_tree))
-    write_raw(classes, records, tmp_path)
-    assert read_classes(tmp_path) == classes
+    dataset = resolve_source(str(small_tree))
+    write_raw(dataset, str(small_tree), tmp_path)
+    assert read_classes(tmp_path) == dataset.classes
     train = read_raw("train", tmp_path)
     assert len(train) == 60 and set(train["label"]) == {0, 1, 2}
-    assert sorted(train["image"]) == sorted(r[3] for r in records["train"])
+    assert sorted(train["image"]) == sorted(r[3] for r in dataset.records["train"])
+    assert json.loads((tmp_path / "source.json").read_text()) == {"data.source": str(small_tree), "revision": None}
 
 
 def test_corrupt_image_is_named_before_anything_is_written(small_tree, tmp_path):
-    classes, records = resolve_source(str(small_tree))
-    records["train"].append(("train", "cat", "train/cat/broken.jpg", jpeg_bytes((1, 2, 3))[:100]))
+    dataset = resolve_source(str(small_tree))
+    dataset.records["train"].append(("train", "cat", "train/cat/broken.jpg", jpeg_bytes((1, 2, 3))[:100]))
     out = tmp_path / "raw"
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
     with pytest.raises(PipelineError, match="train/cat/broken.jpg cannot be decoded"):
-        write_raw(classes, records, out)
+        write_raw(dataset, str(small_tree), out)
     assert (out / "keep.txt").exists()  # nothing was lost
 
 
