@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install test
+.PHONY: install test test-fast
 
 # The CPU build of torch first, so that the project's range (torch>=2.4,<3) installs nothing more.
 install:
@@ -9,3 +9,7 @@ install:
 
 test:
 	$(PYTHON) -m pytest
+
+# The edit-test loop: everything but the end-to-end pipeline runs.
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"

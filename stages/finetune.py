@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -218,6 +219,20 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
     return model, processor, pd.DataFrame(rows), n * epochs / seconds
 
 
+NEAR_CHANCE = 0.05  # validation accuracy this close to 1/classes means the model learned next to nothing
+
+
+def warn_if_near_chance(best_val_accuracy: float, n_classes: int, params: Params) -> None:
+    chance = 1 / n_classes
+    if best_val_accuracy < chance + NEAR_CHANCE:
+        print(
+            f"warning: the best validation accuracy {best_val_accuracy:.3f} is within {NEAR_CHANCE:.2f} of chance ({chance:.3f}): "
+            f"the model learned next to nothing with train.lr={params.train.lr:g}, train.epochs={params.train.epochs} in train.mode={params.train.mode}; "
+            "try train.lr: auto and train.epochs: auto, more epochs, or a larger fraction",
+            file=sys.stderr,
+        )
+
+
 def main() -> None:
     params = load_params()
     check_model_name(params.model.name)
@@ -247,10 +262,12 @@ def main() -> None:
     }
     # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
     provenance = {"device": device, "precision": precision, "base_model_revision": base_model_revision(params.model.name)}
+    provenance |= {"lr": params.train.lr, "epochs": params.train.epochs}  # as resolved from `auto`
     EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
+    warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
 
     tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(provenance["base_model_revision"])})
     for row in epochs.to_dict("records"):

@@ -6,6 +6,7 @@ with one line that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -58,9 +59,9 @@ class TrainParams:
 
     def validate(self) -> None:
         _require(self.mode in MODES, "train.mode", self.mode, f"one of {', '.join(MODES)}")
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1 or auto")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0 or auto")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
         _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
@@ -142,7 +143,9 @@ def _coerce(key: str, value: object, kind: object) -> object:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: a value of type {kind.__name__}")
+        allowed = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+        auto = " or auto" if key.removeprefix("train.") in AUTO_KEYS else ""
+        raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: {allowed}{auto}")
     return value
 
 
@@ -167,8 +170,48 @@ def _build(cls: type, raw: object, prefix: str) -> object:
     return cls(**values)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    lr: float
+    epochs: int
+
+
+# What `train.lr: auto` and `train.epochs: auto` become, by train.mode and kind of model. A fresh head
+# on frozen features needs a far larger step than fine-tuning every weight, and a convolutional
+# network takes a larger one than a transformer. Measured rows: README "Parameters".
+RECIPES = {
+    ("head", "efficientnet-lite"): Recipe(lr=3e-3, epochs=30),
+    ("head", "transformer"): Recipe(lr=3e-3, epochs=30),
+    ("full", "efficientnet-lite"): Recipe(lr=5e-4, epochs=5),
+    ("full", "transformer"): Recipe(lr=5e-5, epochs=5),  # the reference ViT-B/16 fine-tuning recipe
+}
+AUTO_KEYS = ("lr", "epochs")
+
+
+def model_kind(name: str) -> str:
+    """`efficientnet-lite` for the embedded backbones and directories saved from them, else `transformer`."""
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            return "efficientnet-lite" if json.loads(config.read_text()).get("model_type") == "efficientnet_lite" else "transformer"
+        except ValueError:
+            return "transformer"  # the model stage reports the broken config
+    return "efficientnet-lite" if name.startswith("efficientnet-lite") else "transformer"
+
+
+def _resolve_auto(raw: dict) -> dict:
+    """`auto` in train.lr / train.epochs replaced by the recipe for this mode and model."""
+    train, model = raw.get("train"), raw.get("model")
+    if not isinstance(train, dict) or not isinstance(model, dict) or not any(train.get(k) == "auto" for k in AUTO_KEYS):
+        return raw
+    _require(train.get("mode") in MODES, "train.mode", train.get("mode"), f"one of {', '.join(MODES)}")
+    recipe = RECIPES[train["mode"], model_kind(str(model.get("name", "")))]
+    return raw | {"train": train | {k: getattr(recipe, k) for k in AUTO_KEYS if train.get(k) == "auto"}}
+
+
 def params_from_dict(raw: dict) -> Params:
-    params = _build(Params, raw, "")
+    """Typed, validated params, with `auto` values resolved: what every stage and MLflow see."""
+    params = _build(Params, _resolve_auto(raw) if isinstance(raw, dict) else raw, "")
     params.validate()
     return params
 

@@ -44,6 +44,8 @@ def test_repo_params_load_with_the_documented_defaults():
         ("train.batch_size", 2.5),
         ("train.lr", -1e-4),
         ("train.lr", 0),
+        ("train.lr", "fast"),
+        ("train.epochs", "many"),
         ("train.epochs", 0),
         ("train.precision", "fp8"),
         ("train.mode", "frozen"),
@@ -79,3 +81,30 @@ def test_numbers_as_dvc_writes_them_are_accepted():
 def test_missing_params_file_says_where_to_run(tmp_path):
     with pytest.raises(PipelineError, match="params.yaml not found"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "mode, model, lr, epochs",
+    [
+        ("head", "efficientnet-lite0", 3e-3, 30),
+        ("full", "efficientnet-lite0", 5e-4, 5),
+        ("full", "google/vit-base-patch16-224", 5e-5, 5),
+        ("head", "google/vit-base-patch16-224", 3e-3, 30),
+    ],
+)
+def test_auto_recipe_follows_the_mode_and_the_kind_of_model(mode, model, lr, epochs):
+    raw = with_value("train.mode", mode)
+    raw["model"]["name"], raw["train"]["lr"], raw["train"]["epochs"] = model, "auto", "auto"
+    train = params_from_dict(raw).train
+    assert (train.lr, train.epochs) == (lr, epochs)
+    assert flatten(params_from_dict(raw))["train.lr"] == lr  # what MLflow logs: the resolved value
+
+
+def test_an_explicit_number_wins_over_auto_and_a_saved_model_is_known_by_its_config(tmp_path):
+    raw = with_value("train.mode", "head")
+    raw["train"]["lr"], raw["train"]["epochs"] = 0.01, "auto"
+    assert (params_from_dict(raw).train.lr, params_from_dict(raw).train.epochs) == (0.01, 30)
+    (tmp_path / "config.json").write_text('{"model_type": "efficientnet_lite"}')
+    raw = with_value("train.mode", "full")
+    raw["model"]["name"], raw["train"]["lr"] = str(tmp_path), "auto"
+    assert params_from_dict(raw).train.lr == 5e-4

@@ -22,8 +22,12 @@ import yaml
 from scripts.compare_runs import free_port, mlflow_server, screenshot_comparison
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each test runs the pipeline: `make test`, not `make test-fast`
+
 FEATURES = {"features@train", "features@val", "features@test"}
-STAGES = {"download", "preprocess", *FEATURES, "finetune", "evaluate", "export"}
+ALWAYS = {"inputs"}  # runs on every `dvc repro`: it looks at what data.source and model.name name
+STAGES = {*ALWAYS, "download", "preprocess", *FEATURES, "finetune", "evaluate", "export"}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 SECRET = "hf_not-a-real-token-0123456789"  # set in the pipeline's environment: must not reach MLflow
@@ -170,7 +174,7 @@ def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -
     run_id = run["info"]["run_id"]
     params, metrics, tags = (as_dict(run["data"].get(k, [])) for k in ("params", "metrics", "tags"))
     assert params["model.name"] and params["train.lr"]
-    evaluation = read_json(repo / "metrics/eval.json")
+    evaluation, finetune = read_json(repo / "metrics/eval.json"), read_json(repo / "metrics/finetune.json")
     assert metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert metrics["train_images_per_second"] > 0 and metrics["test_eval_images_per_second"] > 0
     assert {f"{stage.replace('@', '_')}_seconds" for stage in stages_run} <= set(metrics)  # features@test: features_test
@@ -178,14 +182,14 @@ def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -
     assert [m["step"] for m in history] == [1, 2]
     cpu = rest.get("metrics/get-history", run_id=run_id, metric_key="system/cpu_utilization_percentage")["metrics"]
     assert len(cpu) >= 3 and "system/system_memory_usage_megabytes" in metrics  # sampled each second in finetune and evaluate
-    assert tags["hardware.device"] == "cpu" and tags["hardware.precision"] == "fp32"
+    assert tags["hardware.device"] == DEVICE and tags["hardware.precision"] == "fp32"
+    assert (finetune["device"], finetune["precision"], evaluation["precision"]) == (DEVICE, "fp32", "fp32")
     assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
     assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
     assert tags["git.commit"] == git_head(repo) and tags["model.name"] == params["model.name"]
     assert tags["data.processed_md5"] == processed_md5(repo)
     inputs = {i["dataset"]["name"]: i for i in run["inputs"]["dataset_inputs"]}
     sizes = {name: json.loads(i["dataset"]["profile"])["num_rows"] for name, i in inputs.items()}
-    finetune = read_json(repo / "metrics/finetune.json")
     assert sizes == {"processed-train": finetune["train_images"], "processed-val": finetune["val_images"], "processed-test": evaluation["test_images"]}
     assert {i["dataset"]["digest"] for i in inputs.values()} == {processed_md5(repo).removesuffix(".dir")}
     artifacts = {f["path"]: f for f in rest.get("artifacts/list", run_id=run_id)["files"]}
@@ -199,6 +203,7 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
     repo = make_repo(
         tmp_path / "repo", dvc_cache,
         data__source=str(cifar_archive), model__name=str(tiny_vit), train__epochs=2, train__lr=1e-3, data__test_fraction=0.02,
+        train__precision="fp32",  # pinned: `auto` is bf16 on a GPU or a CPU with native bf16
     )
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts") as url:
         rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url, "HF_TOKEN": SECRET}
@@ -239,16 +244,16 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
         named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png", "metrics/misclassified.png"}
         assert set(plots["data"]) == named and all(plots["data"][name] for name in named)
 
-        # 3. nothing changed: nothing runs, no new run
-        assert ran_stages(dvc(repo, "repro", env=env)) == set()
+        # 3. nothing changed: nothing runs but the look at the inputs, no new run
+        assert ran_stages(dvc(repo, "repro", env=env)) == ALWAYS
         assert len(rest.runs()) == 1
         commit(repo, "baseline")
 
         # 4. a learning-rate change re-runs finetune, evaluate, export and nothing before them
-        assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002", env=env)) == {"finetune", "evaluate", "export"}
+        assert ran_stages(dvc(repo, "exp", "run", "-S", "train.lr=0.002", env=env)) == ALWAYS | {"finetune", "evaluate", "export"}
         # 5. a fraction change re-runs from preprocess on, but the test split is the same
         output = dvc(repo, "exp", "run", "-S", "fraction=0.02", env=env)
-        assert ran_stages(output) == {"preprocess", "features@train", "features@val", "finetune", "evaluate", "export"}
+        assert ran_stages(output) == ALWAYS | {"preprocess", "features@train", "features@val", "finetune", "evaluate", "export"}
         assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
         runs = rest.runs()
         assert len(runs) == 3
@@ -269,7 +274,7 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
     # 7. the server is gone: the pipeline still completes, one warning a stage says what was not logged
     closed = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     output = dvc(repo, "exp", "run", "-S", "evaluate.batch_size=32", env=closed)
-    assert ran_stages(output) == FEATURES | {"evaluate", "export"}  # the features stages batch by it too
+    assert ran_stages(output) == ALWAYS | FEATURES | {"evaluate", "export"}  # the features stages batch by it too
     warnings = [line for line in output.splitlines() if line.startswith("warning: MLflow tracking")]
     assert len(warnings) == 5 and all("was logged to MLflow" in w and "tracking.required: true" in w for w in warnings)
     assert read_json(repo / "metrics/eval.json")["test_images"] == 200
@@ -334,7 +339,7 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     assert evaluation["accuracy"] > 0.2  # ImageNet features beat chance (0.1) after 180 images
     [tracked] = mlflow_runs(repo)
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
-    assert ran_stages(dvc(repo, "repro")) == set()
+    assert ran_stages(dvc(repo, "repro")) == ALWAYS
 
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
     image, evaluated_label = a_test_image(repo, tmp_path)
@@ -349,7 +354,7 @@ def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache,
     repo = make_repo(
         tmp_path / "repo", dvc_cache,
         data__source=str(cifar_archive), model__name=str(tiny_vit), train__mode="head", train__epochs=4, train__lr=3e-3,
-        data__test_fraction=0.02,
+        data__test_fraction=0.02, train__precision="fp32",  # the cached-features head and the whole model compared below
     )
     # (download and preprocess may come from the shared DVC cache's run-cache: the other tests made them)
     assert FEATURES | {"finetune", "evaluate", "export"} <= ran_stages(dvc(repo, "repro"))
@@ -377,8 +382,60 @@ def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache,
     # a learning-rate change re-trains the head only: the cached features are reused
     commit(repo, "head mode")
     output = dvc(repo, "exp", "run", "-S", "train.lr=0.01")
-    assert ran_stages(output) == {"finetune", "evaluate", "export"}
+    assert ran_stages(output) == ALWAYS | {"finetune", "evaluate", "export"}
     # a new share recomputes train/val features; the unchanged test split's are kept
     ran = ran_stages(dvc(repo, "exp", "run", "-S", "fraction=0.02"))
     assert {"features@train", "features@val", "finetune", "evaluate", "export"} <= ran and "features@test" not in ran
     assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
+
+
+def status_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` says have changed."""
+    return set(json.loads(dvc(repo, "status", "--json")))
+
+
+def test_changed_code_data_or_model_reruns_exactly_what_depends_on_it(small_tree, tiny_vit, dvc_cache, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from tests.test_dependencies import stage_code
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(small_tree, data)
+    shutil.copytree(tiny_vit, model)
+    repo = make_repo(
+        tmp_path / "repo", dvc_cache, data__source=str(data), model__name=str(model), fraction=1.0, data__test_fraction=1.0,
+        train__epochs=2, train__lr=1e-3, train__precision="fp32",
+    )
+    assert ran_stages(dvc(repo, "repro")) == STAGES
+    assert status_stages(repo) == ALWAYS
+
+    # editing a module: `dvc status` names every stage whose code imports it, and no other
+    for module in ("stages/hardware.py", "stages/dataformat.py"):
+        original = (repo / module).read_text()
+        (repo / module).write_text(original + "# edited\n")
+        importers = {name for name, (needed, _) in stage_code().items() if module in needed}
+        features = {f"features@{split}" for split in ("train", "val", "test")}
+        expected = {stage for stage in importers if stage != "features"} | (features if "features" in importers else set())
+        assert status_stages(repo) == ALWAYS | expected, module
+        (repo / module).write_text(original)
+    assert status_stages(repo) == ALWAYS
+
+    # new contents under the same data.source: seen once the inputs stage has looked, and re-run
+    removed = sorted((data / "train" / "ship").glob("*.jpg"))[0]
+    removed.unlink()
+    dvc(repo, "repro", "inputs")
+    assert status_stages(repo) == ALWAYS | {"download"}
+    assert {"download", "preprocess", "finetune", "evaluate", "export"} <= ran_stages(dvc(repo, "repro"))
+    assert read_json(repo / "metrics/finetune.json")["train_images"] + read_json(repo / "metrics/finetune.json")["val_images"] == 59
+
+    # other weights in the same model folder: the pretrained model's stages re-run, and finetune starts over
+    before = AutoModelForImageClassification.from_pretrained(repo / "models/finetuned").state_dict()
+    saved = AutoModelForImageClassification.from_pretrained(model)
+    torch.manual_seed(7)
+    saved.vit.embeddings.patch_embeddings.projection.weight.data.normal_()
+    saved.save_pretrained(model)
+    output = dvc(repo, "repro")
+    assert ran_stages(output) == ALWAYS | FEATURES | {"finetune", "evaluate", "export"}
+    assert "resuming" not in output
+    after = AutoModelForImageClassification.from_pretrained(repo / "models/finetuned").state_dict()
+    assert not torch.equal(before["vit.embeddings.patch_embeddings.projection.weight"], after["vit.embeddings.patch_embeddings.projection.weight"])
