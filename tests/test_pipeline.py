@@ -343,7 +343,7 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
 
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
     image, evaluated_label = a_test_image(repo, tmp_path)
-    assert classify_in_fresh_python(repo, image, "import stages") == evaluated_label
+    assert classify_in_fresh_python(repo, image, "import stages.efficientnet_lite") == evaluated_label
     # registered in the project's own store (MLflow's loader cannot build this custom class: see the README)
     version = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "candidate")
     assert version.run_id == tracked.info.run_id and version.status == "READY"
