@@ -127,3 +127,12 @@ def test_the_run_is_failed_when_a_stage_fails(project):
         assert not (project / "out" / "finetune.rc").exists()  # DVC stops at the failed stage, and so does the script
     finally:
         set_params(project, fraction=1.0)
+
+
+@pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.tracking"])
+def test_modules_that_load_no_model_import_no_model_libraries(module):
+    """Importing `stages` imports nothing; download and preprocess load no model, and predict loads
+    transformers only when it classifies: none of them pays for torch, transformers or scikit-learn."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]" and not done.stderr, done.stderr
