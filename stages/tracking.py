@@ -179,6 +179,7 @@ class _Session:
     required: bool
     run_id: str | None = None
     last: bool = False  # this stage ends the execution: the run is FINISHED after it, else left RUNNING
+    failed: bool = False  # an earlier stage of the execution failed
 
     def fail(self, what: str, err: Exception) -> None:
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}"
@@ -232,11 +233,11 @@ def _experiment_id(name: str, location: str | None) -> str:
     return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
 
 
-def _find_run(experiment_id: str, execution: str) -> str | None:
+def _find_run(experiment_id: str, execution: str) -> mlflow.entities.Run | None:
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1, output_format="list"
     )
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
 
 
 def _start(params: Params, stage: str) -> mlflow.ActiveRun:
@@ -247,9 +248,11 @@ def _start(params: Params, stage: str) -> mlflow.ActiveRun:
     _session.last = stage == LAST_STAGE or dvc_ancestor() is None  # by hand: a run of its own
     system_metrics = stage in SYSTEM_METRICS_STAGES
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    run_id = _find_run(experiment_id, execution)
-    if run_id:
-        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    found = _find_run(experiment_id, execution)
+    if found:
+        # With `dvc repro --keep-going` stages run on after one failed: the run stays FAILED.
+        _session.failed = found.info.status == "FAILED"
+        return mlflow.start_run(run_id=found.info.run_id, log_system_metrics=system_metrics)
     exp_name = os.environ.get("DVC_EXP_NAME")
     tags = {EXECUTION_TAG: execution, "git.commit": git_commit(), "model.name": str(without_credentials(params.model.name))}
     tags |= hardware.describe()
@@ -279,7 +282,7 @@ def pipeline_run(params: Params, stage: str) -> Iterator[None]:
         log_metrics({f"{stage}_seconds": round(time.perf_counter() - started, 2)})
         if stage in DATA_STAGES:
             _log_data(params)
-        status = "FINISHED" if _session.last else "RUNNING"
+        status = "FAILED" if _session.failed else "FINISHED" if _session.last else "RUNNING"
     finally:
         try:
             _end(status)

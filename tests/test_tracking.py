@@ -151,6 +151,9 @@ def test_the_run_reads_running_between_stages_finished_after_export_failed_when_
     with pytest.raises(RuntimeError), tracking.pipeline_run(params, "finetune"):
         raise RuntimeError("the stage failed")
     assert the_run(tmp_path).info.status == "FAILED"
+    with tracking.pipeline_run(params, "features_test"):  # `dvc repro --keep-going` runs the stages that do not need it
+        pass
+    assert the_run(tmp_path).info.status == "FAILED"
 
 
 def test_a_stage_run_by_hand_finishes_its_own_run(tmp_path, monkeypatch):
