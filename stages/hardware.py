@@ -39,7 +39,9 @@ def nvidia_gpus() -> list[tuple[str, float]]:
         return []
     try:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        return [(str(pynvml.nvmlDeviceGetName(h)), pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30) for h in handles]
+        names = [pynvml.nvmlDeviceGetName(h) for h in handles]  # str, or bytes from older nvidia-ml-py
+        names = [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+        return [(name, pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30) for name, h in zip(names, handles)]
     finally:
         pynvml.nvmlShutdown()
 
