@@ -339,6 +339,7 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     assert evaluation["accuracy"] > 0.2  # ImageNet features beat chance (0.1) after 180 images
     [tracked] = mlflow_runs(repo)
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert tracked.info.status == "FINISHED"  # RUNNING between the stages, finished by export
     assert ran_stages(dvc(repo, "repro")) == ALWAYS
 
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
