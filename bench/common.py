@@ -54,7 +54,8 @@ def cifar_images(n: int, split: str = "train") -> TensorSplit:
     from stages.preprocess import to_tensors
 
     raw = cifar_work_dir() / "data/raw"
-    return to_tensors(read_raw(split, raw), np.arange(n), read_classes(raw), None, f"{split} images")
+    arrays = to_tensors(read_raw(split, raw), np.arange(n), read_classes(raw), None, f"{split} images")  # numpy, as preprocess saves them
+    return TensorSplit(*(torch.from_numpy(a) for a in (arrays.pixels, arrays.labels, arrays.index)), arrays.classes)
 
 
 def machine() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-import stages  # noqa: F401  (registers EfficientNet-Lite with the Auto classes)
+import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite with the Auto classes)
 from bench.common import cifar_images, cifar_work_dir, median_seconds, write_result
 from bench.models import ARCHITECTURES, save_model
 from stages.dataformat import read_raw

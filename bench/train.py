@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-import stages  # noqa: F401  (registers EfficientNet-Lite with the Auto classes)
 from bench.common import cifar_images, cifar_work_dir, project_params, run_stage, write_result
 from bench.models import ARCHITECTURES, save_model
 from stages import efficientnet_lite

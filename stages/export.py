@@ -2,7 +2,7 @@
 
 The directory holds safetensors weights, a config with the label names and the image processor's
 config, so `pipeline("image-classification", model="models/export")` runs it on a PIL image.
-A ViT export needs only transformers; an EfficientNet-Lite export needs `import stages` first
+A ViT export needs only transformers; an EfficientNet-Lite export needs `import stages.efficientnet_lite` first
 (which registers it with the Auto classes). The proof: the exported model, fed through its own
 image processor from the original image files, re-classifies a batch of test images; it must give
 the labels the evaluate stage gave (up to `export.min_agreement`: the processor resizes in PIL,
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
+import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import tracking
 from stages.dataformat import EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, decode_rgb, read_raw
 from stages.errors import PipelineError

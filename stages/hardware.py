@@ -6,7 +6,6 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 import psutil
-import torch
 
 VERSIONED = ("torch", "transformers", "datasets", "dvc", "mlflow")
 
@@ -29,18 +28,36 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def nvidia_gpus() -> list[tuple[str, float]]:
+    """(name, memory in GiB) of each NVIDIA GPU, from the driver (NVML): the stages that load no model
+    (download, preprocess) may open the run, and they do not import torch. None without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001  (no package, no driver, no GPU: all mean none)
+        return []
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        names = [pynvml.nvmlDeviceGetName(h) for h in handles]  # str, or bytes from older nvidia-ml-py
+        names = [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+        return [(name, pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30) for name, h in zip(names, handles)]
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def describe() -> dict[str, str]:
     """Hardware and library versions, as flat string tags."""
+    gpus = nvidia_gpus()
     info = {
         "hardware.cpu": cpu_model(),
         "hardware.cpu_cores": str(psutil.cpu_count(logical=True) or os.cpu_count()),
         "hardware.ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
-        "hardware.gpu_count": str(torch.cuda.device_count()),
+        "hardware.gpu_count": str(len(gpus)),
     }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["hardware.gpu"] = props.name
-        info["hardware.gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
+    if gpus:
+        info["hardware.gpu"] = gpus[0][0]
+        info["hardware.gpu_memory_gb"] = f"{gpus[0][1]:.1f}"
     info.update({f"version.{p}": _version(p) for p in VERSIONED})
     return info
 
@@ -57,6 +74,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_device_and_precision(precision: str) -> tuple[str, str]:
     """(device, precision) actually used: `auto` picks bf16 where the hardware runs it natively."""
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if precision == "auto":
         fast = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_fast_bf16()

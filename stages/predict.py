@@ -7,9 +7,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import pipeline
-
-import stages  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages.dataformat import EXPORT_DIR, decode_rgb
 from stages.errors import PipelineError, run_stage
 
@@ -21,6 +18,11 @@ def classify(model_dir: Path, paths: list[Path], top_k: int = 1) -> list[list[di
         if not path.is_file():
             raise PipelineError(f"{path}: no such image file")
     images = [decode_rgb(path.read_bytes(), str(path)) for path in paths]
+    # Imported here, so `--help` and a wrong path answer at once.
+    from transformers import pipeline
+
+    import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
+
     results = pipeline("image-classification", model=str(model_dir))(images, top_k=top_k)
     return [results] if top_k and len(images) == 1 and isinstance(results[0], dict) else results
 

@@ -14,7 +14,6 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -48,15 +47,16 @@ def storage_size(frames: list[pd.DataFrame], params: Params) -> tuple[int, int] 
 
 
 def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], resize_to: tuple[int, int] | None, desc: str) -> TensorSplit:
-    """Decode straight into one preallocated uint8 array: no float copies are ever held."""
+    """Decode straight into one preallocated uint8 array: no float copies are ever held. The split
+    holds numpy arrays (N×3×H×W): this stage saves them and needs no torch."""
     images, paths = frame["image"].to_numpy(), frame["path"].to_numpy()
     width, height = resize_to or decode_rgb(images[rows[0]], paths[rows[0]]).size
     pixels = np.empty((len(rows), height, width, 3), dtype=np.uint8)
     for i, row in enumerate(tqdm(rows, desc=desc, unit="img", mininterval=1)):
         img = decode_rgb(images[row], paths[row])
         pixels[i] = img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
-    labels = torch.from_numpy(frame["label"].to_numpy()[rows].astype(np.int64))
-    return TensorSplit(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels, torch.from_numpy(rows.astype(np.int64)), classes)
+    labels = frame["label"].to_numpy()[rows].astype(np.int64)
+    return TensorSplit(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), labels, rows.astype(np.int64), classes)
 
 
 def main() -> None:

@@ -8,16 +8,23 @@ system metrics (CPU, memory, GPU where present) every second.
 
 The store defaults to `mlflow.db` (SQLite) in the project root, also for queued and `--temp`
 experiments, which DVC runs in a copy under .dvc/tmp/exps/; MLFLOW_TRACKING_URI overrides it.
-If the store cannot be reached, or fails mid-stage, the stage still completes (its results are in
-DVC's files) and prints one warning; with `tracking.required: true` it fails instead.
+If the store cannot be reached, or fails mid-stage (connection, HTTP or database errors), the stage
+still completes (its results are in DVC's files) and prints one warning; with `tracking.required:
+true` it fails instead. Any other error in a logging call is a bug here and raises.
+
+The run reads RUNNING while the execution's stages run, FINISHED once its last stage (export) ends,
+FAILED as soon as a stage fails. A stage run by hand has a run of its own, FINISHED when it ends.
+MLflow's INFO lines are not shown (MLFLOW_LOGGING_LEVEL=WARNING unless set otherwise).
 """
 from __future__ import annotations
 
 import base64
 import functools
 import io
+import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,13 +35,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
-import mlflow
-import pandas as pd
-import psutil
-import requests
+# Before MLflow configures its loggers on import: its INFO lines (database set-up, system metrics
+# monitor start and stop) are not the stage's; warnings still show.
+_QUIET = "MLFLOW_LOGGING_LEVEL" not in os.environ
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+import mlflow  # noqa: E402
+import psutil  # noqa: E402
+import requests  # noqa: E402
+import sqlalchemy.exc  # noqa: E402  (MLflow's database stores run on SQLAlchemy)
+from mlflow.exceptions import MlflowException, RestException  # noqa: E402
+from mlflow.protos import databricks_pb2  # noqa: E402
+
+if _QUIET:  # also when something imported MLflow before this module
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 from stages import hardware
 from stages.errors import PipelineError, run_stage
@@ -44,6 +60,7 @@ EXECUTION_TAG = "pipeline.execution"
 DATA_TAG = "data.processed_md5"  # the md5 DVC records for data/processed in dvc.lock
 MODEL_ALIAS = "candidate"
 SYSTEM_METRICS_STAGES = ("finetune", "evaluate")
+LAST_STAGE = "export"  # the run is FINISHED when it ends; before, it reads RUNNING between stages
 SYSTEM_METRICS_INTERVAL_S = 1  # a two-minute stage gets a curve of ~120 points
 # Stages that run after preprocess, on data/processed as it is now (download runs before it).
 DATA_STAGES = ("preprocess", "finetune", "evaluate", "export")
@@ -67,18 +84,61 @@ def artifact_location() -> str | None:
     return None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
 
 
-def execution_id() -> str:
-    """host:pid:start-time of the nearest `dvc` ancestor process, else of this process."""
-    proc = psutil.Process()
-    for ancestor in proc.parents():
+def dvc_ancestor() -> psutil.Process | None:
+    """The nearest `dvc` ancestor process (`dvc repro`, `dvc exp run`, a queue worker), if any."""
+    for ancestor in psutil.Process().parents():
         try:
             cmdline = ancestor.cmdline()
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
         if any(Path(arg).name == "dvc" for arg in cmdline[:3]):
-            proc = ancestor
-            break
+            return ancestor
+    return None
+
+
+def execution_id() -> str:
+    """host:pid:start-time of the nearest `dvc` ancestor process, else of this process."""
+    proc = dvc_ancestor() or psutil.Process()
     return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
+
+
+# MLflow error codes that say the store itself failed or refused: overloaded, gone, or not letting us in.
+_STORE_ERROR_CODES = {
+    databricks_pb2.ErrorCode.Name(code)
+    for code in (
+        databricks_pb2.TEMPORARILY_UNAVAILABLE,
+        databricks_pb2.REQUEST_LIMIT_EXCEEDED,
+        databricks_pb2.ENDPOINT_NOT_FOUND,
+        databricks_pb2.UNAUTHENTICATED,
+        databricks_pb2.PERMISSION_DENIED,
+        databricks_pb2.CUSTOMER_UNAUTHORIZED,
+    )
+}
+# What a store's transport raises: the network (requests, and the OS's connection errors) and databases.
+_TRANSPORT_ERRORS = (requests.exceptions.RequestException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ConnectionError, TimeoutError)
+
+
+def is_store_failure(err: BaseException) -> bool:
+    """True for a failure of the tracking store (connection, HTTP, database), not of the code calling it.
+
+    MLflow wraps transport errors in MlflowException ("API request to ... failed", a database error),
+    keeping the original as its cause or context; a server's own error answer is an HTTP 5xx. A
+    rejected value (INVALID_PARAMETER_VALUE, a 4xx) or any other exception is a bug in the caller.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _TRANSPORT_ERRORS):
+            return True
+        if isinstance(current, MlflowException):
+            if current.error_code in _STORE_ERROR_CODES:
+                return True
+            from_server = isinstance(current, RestException) or current.message.startswith("API request to")
+            if from_server and current.get_http_status_code() >= 500:
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def git_commit() -> str:
@@ -118,6 +178,8 @@ class _Session:
     stage: str
     required: bool
     run_id: str | None = None
+    last: bool = False  # this stage ends the execution: the run is FINISHED after it, else left RUNNING
+    failed: bool = False  # an earlier stage of the execution failed
 
     def fail(self, what: str, err: Exception) -> None:
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}"
@@ -139,7 +201,8 @@ _session: _Session | None = None
 
 
 def _tracked(what: str) -> Callable:
-    """Log only inside a stage's run, and turn a tracking failure into the session's one warning."""
+    """Log only inside a stage's run, and turn a failure of the store into the session's one warning;
+    any other exception (a bug in the logging code) propagates and fails the stage."""
 
     def wrap(log: Callable) -> Callable:
         @functools.wraps(log)
@@ -148,8 +211,10 @@ def _tracked(what: str) -> Callable:
                 return None
             try:
                 return log(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001  (any store or network failure: results stay in DVC's files)
-                _session.fail(what, err)
+            except Exception as err:
+                if not is_store_failure(err):
+                    raise
+                _session.fail(what, err)  # results stay in DVC's files
                 return None
 
         return guarded
@@ -168,11 +233,11 @@ def _experiment_id(name: str, location: str | None) -> str:
     return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
 
 
-def _find_run(experiment_id: str, execution: str) -> str | None:
+def _find_run(experiment_id: str, execution: str) -> mlflow.entities.Run | None:
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1, output_format="list"
     )
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
 
 
 def _start(params: Params, stage: str) -> mlflow.ActiveRun:
@@ -180,11 +245,14 @@ def _start(params: Params, stage: str) -> mlflow.ActiveRun:
     _check_reachable(mlflow.get_tracking_uri())
     experiment_id = _experiment_id(params.tracking.experiment, _session.artifact_location)
     execution = execution_id()
+    _session.last = stage == LAST_STAGE or dvc_ancestor() is None  # by hand: a run of its own
     system_metrics = stage in SYSTEM_METRICS_STAGES
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    run_id = _find_run(experiment_id, execution)
-    if run_id:
-        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    found = _find_run(experiment_id, execution)
+    if found:
+        # With `dvc repro --keep-going` stages run on after one failed: the run stays FAILED.
+        _session.failed = found.info.status == "FAILED"
+        return mlflow.start_run(run_id=found.info.run_id, log_system_metrics=system_metrics)
     exp_name = os.environ.get("DVC_EXP_NAME")
     tags = {EXECUTION_TAG: execution, "git.commit": git_commit(), "model.name": str(without_credentials(params.model.name))}
     tags |= hardware.describe()
@@ -203,40 +271,48 @@ def pipeline_run(params: Params, stage: str) -> Iterator[None]:
     mlflow.set_tracking_uri(_session.uri)
     try:
         _session.run_id = _start(params, stage).info.run_id
-    except Exception as err:  # noqa: BLE001  (unreachable server, bad URI, locked database: the stage runs untracked)
+    except Exception as err:
+        if not is_store_failure(err):  # unreachable server, locked database: the stage runs untracked
+            raise
         _session.fail("params, metrics and artifacts", err)
     started = time.perf_counter()
     status = "FAILED"
     try:
         yield
-        status = "FINISHED"
         log_metrics({f"{stage}_seconds": round(time.perf_counter() - started, 2)})
         if stage in DATA_STAGES:
             _log_data(params)
+        status = "FAILED" if _session.failed else "FINISHED" if _session.last else "RUNNING"
     finally:
-        _end(status)
-        _session = None
+        try:
+            _end(status)
+        finally:
+            _session = None
 
 
 @_tracked("end of run")
 def _end(status: str) -> None:
+    """Close this process's hold on the run. RUNNING leaves it open for the execution's next stage
+    (MLflow records the stage's end time as the run's end time so far); its last stage finishes it."""
     mlflow.end_run(status)
 
 
 @_tracked("data digest and dataset")
 def _log_data(params: Params) -> None:
     """Tag the processed data's DVC md5 and record its splits as the run's inputs, once per run."""
-    from stages.dataformat import PROCESSED_DIR, PROCESSED_SPLITS, load_split
+    import pandas as pd
 
-    if DATA_TAG in mlflow.get_run(_session.run_id).data.tags:
-        return
+    from stages.dataformat import PROCESSED_DIR, PROCESSED_SPLITS, load_labels
+
+    if not PROCESSED_DIR.is_dir() or DATA_TAG in mlflow.get_run(_session.run_id).data.tags:
+        return  # (a stage run by hand where no data was processed has none to record)
     digest = data_digest(PROCESSED_DIR)
     mlflow.set_tag(DATA_TAG, digest)
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         for name in PROCESSED_SPLITS:
-            split = load_split(name)
-            labels = pd.DataFrame({"label": [split.classes[i] for i in split.labels.tolist()]})
+            indices, classes = load_labels(name)
+            labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
             source = str(without_credentials(params.data.source))
             dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest.removesuffix(".dir"))
             mlflow.log_input(dataset, context=name)
@@ -272,19 +348,44 @@ def log_figure(figure, name: str) -> None:
     mlflow.log_figure(figure, name)
 
 
+class _ServingCheckFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to validate serving input example")
+
+
+@contextmanager
+def _unless_loadable_by_mlflow(model) -> Iterator[None]:
+    """Leave out MLflow's warning that it cannot load the model it just saved, for a class transformers
+    does not name (EfficientNet-Lite): known, and said in the README (MLflow's loader builds only
+    transformers' own classes), and the export stage has already proven the model through pipeline()."""
+    import transformers
+
+    if hasattr(transformers, type(model).__name__):
+        yield
+        return
+    logger, quiet = logging.getLogger("mlflow.models.model"), _ServingCheckFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 @_tracked("the model")
 def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str) -> None:
     """Log an image-classification model directory with the transformers flavour, register it, alias it."""
-    from huggingface_hub import ModelCard, constants
+    from huggingface_hub import ModelCard
     from PIL import Image
     from transformers import pipeline
 
-    classify = pipeline("image-classification", model=str(model_dir))
+    # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
+    # from, and a relative `models/export` is a valid Hub id (a minute of retries offline); an
+    # absolute path is not one, so the look-up ends at once without asking the Hub.
+    classify = pipeline("image-classification", model=str(model_dir.resolve()))
     [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
     example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
     card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
-    # The model is a local directory: MLflow would look its license up on the Hub, retrying for a minute offline.
-    with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+    with _unless_loadable_by_mlflow(classify.model):
         info = mlflow.transformers.log_model(
             classify,
             name="model",

@@ -57,14 +57,14 @@ def small_archives(small_tree, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny ViT with a 1,000-class head saved by save_pretrained: the path google/vit-base-patch16-224 takes."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     path = tmp_path_factory.mktemp("models") / "tiny-vit"
     config = ViTConfig(
         image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, num_labels=1000
     )
     ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)  # needs no torchvision
     return path
 
 

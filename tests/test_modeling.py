@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
 
-import stages  # noqa: F401
 from stages import efficientnet_lite
 from stages.dataformat import decode_rgb
 from stages.errors import PipelineError

@@ -339,11 +339,12 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     assert evaluation["accuracy"] > 0.2  # ImageNet features beat chance (0.1) after 180 images
     [tracked] = mlflow_runs(repo)
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert tracked.info.status == "FINISHED"  # RUNNING between the stages, finished by export
     assert ran_stages(dvc(repo, "repro")) == ALWAYS
 
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
     image, evaluated_label = a_test_image(repo, tmp_path)
-    assert classify_in_fresh_python(repo, image, "import stages") == evaluated_label
+    assert classify_in_fresh_python(repo, image, "import stages.efficientnet_lite") == evaluated_label
     # registered in the project's own store (MLflow's loader cannot build this custom class: see the README)
     version = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "candidate")
     assert version.run_id == tracked.info.run_id and version.status == "READY"

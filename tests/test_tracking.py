@@ -68,3 +68,97 @@ def test_the_gallery_shows_the_most_confidently_wrong_images_first():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["true: ship\npredicted: dog (90%)", "true: cat\npredicted: ship (70%)", "true: dog\npredicted: cat (60%)"]
     assert fig.texts[0].get_text() == "Most confidently wrong test images (3 of 3 wrong)"
+
+
+def local_store_params(monkeypatch, tmp_path):
+    """The default store (mlflow.db in the project root, here tmp_path), as a stage run by hand uses it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return load_params(ROOT / "params.yaml")
+
+
+def the_run(tmp_path):
+    """The newest run in the store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"])[0]
+
+
+def test_a_programming_error_in_a_logging_call_raises_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    params = local_store_params(monkeypatch, tmp_path)
+    with pytest.raises(ValueError, match="could not convert string to float"), tracking.pipeline_run(params, "evaluate"):
+        tracking.log_metrics({"test_accuracy": "high"})  # a string as a metric: our bug, not an outage
+    assert "MLflow tracking" not in capsys.readouterr().err
+    assert the_run(tmp_path).info.status == "FAILED"
+
+
+def test_a_value_mlflow_rejects_raises(tmp_path, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    params = local_store_params(monkeypatch, tmp_path)
+    with pytest.raises(MlflowException, match="Invalid value"), tracking.pipeline_run(params, "evaluate"):
+        tracking.log_metrics({"bad name!\0": 1.0})  # INVALID_PARAMETER_VALUE: the store is fine
+    assert "MLflow tracking" not in capsys.readouterr().err
+
+
+def test_store_failures_are_told_from_bugs():
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException, RestException
+
+    try:  # how MLflow's REST client reports a refused connection
+        try:
+            raise requests.exceptions.ConnectionError("Connection refused")
+        except requests.exceptions.ConnectionError as err:
+            raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {err}")
+    except MlflowException as wrapped:
+        assert tracking.is_store_failure(wrapped)
+    database = MlflowException("locked", error_code="TEMPORARILY_UNAVAILABLE")
+    database.__cause__ = sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+    assert tracking.is_store_failure(database)
+    assert tracking.is_store_failure(RestException({"error_code": "INTERNAL_ERROR", "message": "server error"}))
+    assert not tracking.is_store_failure(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"}))
+    assert not tracking.is_store_failure(MlflowException("Couldn't find a loader class"))  # client-side, no transport error
+    assert not tracking.is_store_failure(ValueError("could not convert string to float: 'high'"))
+    assert not tracking.is_store_failure(FileNotFoundError("metrics/missing.png"))
+
+
+def test_the_run_reads_running_between_stages_finished_after_export_failed_when_a_stage_fails(tmp_path, monkeypatch):
+    import psutil
+
+    from stages.dataformat import PROCESSED_SPLITS, TensorSplit, processed_path, save_split
+
+    params = local_store_params(monkeypatch, tmp_path)
+    (tmp_path / "data/processed").mkdir(parents=True)
+    for name in PROCESSED_SPLITS:  # what export records as the run's datasets
+        save_split(TensorSplit(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), torch.tensor([0, 1]), ["a", "b"]), processed_path(name))
+    monkeypatch.setattr(tracking, "dvc_ancestor", psutil.Process)  # every stage below: one `dvc` execution
+    for stage in ("download", "preprocess", "finetune"):
+        with tracking.pipeline_run(params, stage):
+            tracking.log_metrics({f"{stage}_value": 1.0})
+        assert the_run(tmp_path).info.status == "RUNNING", stage
+    with tracking.pipeline_run(params, "export"):
+        pass
+    run = the_run(tmp_path)
+    assert run.info.status == "FINISHED" and {"download_seconds", "finetune_seconds", "export_seconds"} <= set(run.data.metrics)
+
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: psutil.Process().parent())  # another execution
+    with tracking.pipeline_run(params, "download"):
+        pass
+    assert the_run(tmp_path).info.run_id != run.info.run_id
+    with pytest.raises(RuntimeError), tracking.pipeline_run(params, "finetune"):
+        raise RuntimeError("the stage failed")
+    assert the_run(tmp_path).info.status == "FAILED"
+    with tracking.pipeline_run(params, "features_test"):  # `dvc repro --keep-going` runs the stages that do not need it
+        pass
+    assert the_run(tmp_path).info.status == "FAILED"
+
+
+def test_a_stage_run_by_hand_finishes_its_own_run(tmp_path, monkeypatch):
+    params = local_store_params(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
+    with tracking.pipeline_run(params, "evaluate"):
+        pass
+    assert the_run(tmp_path).info.status == "FINISHED"

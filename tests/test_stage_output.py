@@ -1,0 +1,138 @@
+"""What a user sees: each stage, run as DVC runs it (`python -m stages.<name>`, one process a stage, all
+children of one `dvc` process), prints its own lines, progress bars and real warnings, and nothing of
+the libraries' chatter; and the execution's MLflow run reads RUNNING between its stages, FINISHED
+after export, FAILED when a stage fails.
+
+Real CIFAR-10 JPEGs (the 3-class small tree), the embedded EfficientNet-Lite0 at 32 px, one epoch:
+the whole pipeline in about a minute. Instead of DVC (which the slow tests run), a small script named
+`dvc` runs the stages, so the stages take it for the `dvc` process of their execution, as they take
+`dvc repro`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+STAGES = ("inputs", "download", "preprocess", "finetune", "evaluate", "export")
+TRACKED = STAGES[1:]  # inputs only checks params.yaml and digests inputs: it opens no run
+NOISE = {
+    "transformers' torchvision fallback": re.compile(r"requires torchvision|falling back to", re.I),
+    "an MLflow INFO line": re.compile(r"^\S+ \S+ INFO mlflow", re.M),
+    "MLflow's database set-up": re.compile(r"Creating initial MLflow database tables|Updating database tables"),
+    "MLflow's system metrics monitor": re.compile(r"monitoring system metrics|Skip logging GPU metrics", re.I),
+    "MLflow's failed serving check (auto_map)": re.compile(r"auto_map|Got error|Failed to validate serving input"),
+    "a tracking outage warning": re.compile(r"MLflow tracking at .* failed"),
+}
+OWN_LINE = {stage: re.compile(rf"^{stage}\b", re.M) for stage in STAGES}
+
+# Runs each stage named on its command line, as DVC would, and records after each one its output,
+# exit status and the status of the newest MLflow run; stops after a stage that fails.
+FAKE_DVC = f"""\
+import pathlib, sqlite3, subprocess, sys
+for stage in sys.argv[1:]:
+    done = subprocess.run([{sys.executable!r}, "-m", f"stages.{{stage}}"], capture_output=True, text=True)
+    out = pathlib.Path("out")
+    out.mkdir(exist_ok=True)
+    (out / f"{{stage}}.stdout").write_text(done.stdout)
+    (out / f"{{stage}}.stderr").write_text(done.stderr)
+    (out / f"{{stage}}.rc").write_text(str(done.returncode))
+    if pathlib.Path("mlflow.db").exists():
+        [(status,)] = sqlite3.connect("mlflow.db").execute("SELECT status FROM runs ORDER BY start_time DESC LIMIT 1").fetchall()
+        (out / f"{{stage}}.status").write_text(status)
+    if done.returncode:
+        break
+"""
+
+
+def set_params(project: Path, **values) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in values.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_as_dvc(project: Path, *stages: str) -> None:
+    shutil.rmtree(project / "out", ignore_errors=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "HF_"))}
+    subprocess.run([sys.executable, str(project / "dvc"), *stages], cwd=project, env=clean, check=True, timeout=900)
+
+
+def read(project: Path, stage: str, what: str) -> str:
+    path = project / "out" / f"{stage}.{what}"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def project(small_tree, tmp_path_factory) -> Path:
+    """A project directory (params.yaml only: the stages come from the installed package) after one
+    execution of every stage."""
+    project = tmp_path_factory.mktemp("quiet") / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (project / "dvc").write_text(FAKE_DVC)
+    set_params(
+        project,
+        **{
+            "fraction": 1.0, "data.source": str(small_tree), "data.test_fraction": 1.0, "model.name": "efficientnet-lite0",
+            "model.image_size": 32, "train.epochs": 1, "train.lr": 1e-3, "train.precision": "fp32",
+            "export.check_images": 18, "export.min_agreement": 0.5,  # about the output here, not the export's agreement
+        },
+    )
+    run_as_dvc(project, *STAGES)
+    return project
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_prints_its_own_lines_and_no_library_chatter(project, stage):
+    stdout, stderr = read(project, stage, "stdout"), read(project, stage, "stderr")
+    assert read(project, stage, "rc") == "0", f"{stage} failed:\n{stderr[-3000:]}"
+    assert OWN_LINE[stage].search(stdout), f"{stage} printed no line of its own:\n{stdout}"
+    found = {what: pattern.search(stdout + stderr).group(0) for what, pattern in NOISE.items() if pattern.search(stdout + stderr)}
+    assert not found, f"{stage} printed {found}:\n{stderr[-3000:]}"
+
+
+def test_the_run_reads_running_between_stages_and_finished_after_export(project):
+    statuses = {stage: read(project, stage, "status") for stage in TRACKED}
+    assert statuses == {stage: "FINISHED" if stage == "export" else "RUNNING" for stage in TRACKED}
+    db = sqlite3.connect(project / "mlflow.db")
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1  # one run for the execution
+    seconds = {key for (key,) in db.execute("SELECT DISTINCT key FROM metrics WHERE key LIKE '%_seconds'")}
+    assert {f"{stage}_seconds" for stage in TRACKED} <= seconds
+    assert db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0] == 1  # export registered the model
+
+
+def test_the_run_is_failed_when_a_stage_fails(project):
+    set_params(project, fraction=0.06)  # 3 train images for 3 classes: none left to validate with
+    try:
+        run_as_dvc(project, "download", "preprocess", "finetune")
+        assert read(project, "download", "status") == "RUNNING"
+        assert read(project, "preprocess", "rc") == "2"
+        assert read(project, "preprocess", "stderr").strip().splitlines()[-1].startswith("error: params.yaml: fraction=0.06")
+        assert read(project, "preprocess", "status") == "FAILED"
+        assert not (project / "out" / "finetune.rc").exists()  # DVC stops at the failed stage, and so does the script
+    finally:
+        set_params(project, fraction=1.0)
+
+
+@pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.tracking"])
+def test_modules_that_load_no_model_import_no_model_libraries(module):
+    """Importing `stages` imports nothing; download and preprocess load no model, and predict loads
+    transformers only when it classifies: none of them pays for torch, transformers or scikit-learn."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]" and not done.stderr, done.stderr
