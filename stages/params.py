@@ -23,13 +23,13 @@ class DataParams:
     source: str  # Hub dataset id, folder <split>/<class>/<image>, or .tgz/.tar.gz/.zip of one
     val_fraction: float  # share of the drawn train images held out for model selection
     test_fraction: float  # share of the test split that is evaluated, drawn stratified
-    storage_size: int  # square side images are stored at when they do not share one size
+    storage_size: int | None  # square side images of mixed sizes are stored at; None: the model's input size
 
     def validate(self) -> None:
         _require(bool(self.source.strip()), "data.source", self.source, "a Hub dataset id or a local folder/archive")
         _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
         _require(0 < self.test_fraction <= 1, "data.test_fraction", self.test_fraction, "a number in (0, 1]")
-        _require(self.storage_size >= 8, "data.storage_size", self.storage_size, "an integer >= 8")
+        _require(self.storage_size is None or self.storage_size >= 8, "data.storage_size", self.storage_size, "null or an integer >= 8")
 
 
 @dataclass(frozen=True)
