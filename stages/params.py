@@ -77,12 +77,12 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    check_images: int  # test images the exported model re-classifies from the original files
-    min_agreement: float  # share of them that must get the label the evaluate stage gave
+    check_images: int  # test images the exported model classifies through pipeline(...)
+    max_probability_diff: float  # largest allowed |exported - evaluated| class probability on them
 
     def validate(self) -> None:
         _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
-        _require(0 < self.min_agreement <= 1, "export.min_agreement", self.min_agreement, "a number in (0, 1]")
+        _require(0 < self.max_probability_diff < 1, "export.max_probability_diff", self.max_probability_diff, "a number in (0, 1)")
 
 
 @dataclass(frozen=True)
