@@ -4,9 +4,10 @@ The directory holds safetensors weights, a config with the label names and the i
 config, so `pipeline("image-classification", model="models/export")` runs it on a PIL image.
 A ViT export needs only transformers; an EfficientNet-Lite export needs `import stages` first
 (which registers it with the Auto classes). The proof: the exported model, fed through its own
-image processor from the original image files, re-classifies a batch of test images; it must give
-the labels the evaluate stage gave (up to `export.min_agreement`: the processor resizes in PIL,
-which rounds to whole pixel values), and so reproduce the accuracy measured on those images.
+image processor from the original image files, gives a batch of test images class probabilities
+within `export.max_probability_diff` of those the evaluate stage recorded (0.05 more when evaluate
+ran in bf16): the processor resizes in PIL, evaluate in torch, so a correct export differs by
+rounding only, while a wrong normalisation or input size moves the probabilities far more.
 Once proven, the model is logged to the run with MLflow's transformers flavour and registered as
 `tracking.registered_model`, its newest version aliased `candidate`.
 """
