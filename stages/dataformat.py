@@ -10,7 +10,8 @@ data/features/   `<split>.safetensors`, with train.mode=head: the frozen backbon
                  of each processed split (`features` float32 N×D, `labels`; train also `flipped`,
                  the features of its mirrored images); metadata says which model and mode made them.
 models/finetuned/  the fine-tuned model and its image processor (save_pretrained).
-metrics/test_predictions.csv  one row per evaluated test image: raw `index`, actual, predicted, confidence.
+metrics/test_predictions.csv  one row per evaluated test image: raw `index`, actual, predicted, confidence
+                 (the predicted label's probability), and `prob_<class>` for every class.
 models/export/   the proven, self-contained export of models/finetuned.
 """
 from __future__ import annotations
@@ -44,7 +45,13 @@ PROCESSED_SPLITS = ("train", "val", "test")
 FEATURES_DIR = Path("data/features")
 FINETUNED_DIR = Path("models/finetuned")
 PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
+EVAL_FILE = Path("metrics/eval.json")
 EXPORT_DIR = Path("models/export")
+
+
+def probability_column(label: str) -> str:
+    """The column of metrics/test_predictions.csv holding each image's evaluated probability of `label`."""
+    return f"prob_{label}"
 
 
 def raw_path(split: str, root: Path = RAW_DIR) -> Path:

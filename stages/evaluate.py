@@ -1,8 +1,9 @@
 """Stage 4: test accuracy with its 95% interval, per-class precision/recall/F1, confusion matrix.
 
 Writes metrics/eval.json (accuracy 0-1 and the number of test images), metrics/eval_per_class.csv,
-metrics/test_predictions.csv (one row per test image: the DVC confusion plot and the export check
-read it), metrics/confusion_matrix.png and metrics/misclassified.png (the most confidently wrong
+metrics/test_predictions.csv (one row per test image: raw index, actual and predicted label, the
+predicted label's probability and every class's probability `prob_<class>`; the DVC confusion
+plot and the export check read it), metrics/confusion_matrix.png and metrics/misclassified.png (the most confidently wrong
 test images with their true and predicted labels).
 """
 from __future__ import annotations
@@ -19,21 +20,21 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import figures, tracking
-from stages.dataformat import FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_features, load_split
+from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_features, load_split, probability_column
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, classifier_head, forward_batches
 from stages.params import Params, load_params
 
-METRICS_FILE = Path("metrics/eval.json")
+METRICS_FILE = EVAL_FILE
 PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
 CONFUSION_PNG = Path("metrics/confusion_matrix.png")
 MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 
 
 @torch.inference_mode()
-def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, its softmax probability) for every image of `split` by models/finetuned.
+def probabilities(split: TensorSplit, params: Params) -> torch.Tensor:
+    """Softmax probabilities N×classes of every image of `split` by models/finetuned.
 
     With train.mode=head the backbone is the pretrained one the features stage ran, so the head
     is applied to the cached features instead of running the backbone again.
@@ -46,7 +47,12 @@ def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Ten
         device, precision = pick_device_and_precision(params.train.precision)
         transform = PixelTransform(AutoImageProcessor.from_pretrained(FINETUNED_DIR))
         logits = torch.cat([batch.cpu() for batch in forward_batches(model, transform, split.pixels, params.evaluate.batch_size, device, precision, "evaluate")])
-    confidence, pred = logits.softmax(-1).max(-1)
+    return logits.float().softmax(-1)
+
+
+def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, its softmax probability) for every image of `split` by models/finetuned."""
+    confidence, pred = probabilities(split, params).max(-1)
     return pred, confidence
 
 
@@ -56,7 +62,8 @@ def main() -> None:
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
     test = load_split("test")
     started = time.perf_counter()
-    preds, confidences = predict(test, params)
+    probs = probabilities(test, params)
+    confidences, preds = probs.max(-1)
     seconds = time.perf_counter() - started
 
     correct = int((preds == test.labels).sum())
@@ -80,7 +87,8 @@ def main() -> None:
     METRICS_FILE.write_text(json.dumps(metrics | {"precision": precision}, indent=2) + "\n")
     per_class = pd.DataFrame(report).T.loc[test.classes].rename_axis("class").reset_index()
     per_class.to_csv(PER_CLASS_FILE, index=False)
-    pd.DataFrame({"index": test.index.numpy(), "actual": actual, "predicted": predicted, "confidence": confidences.numpy()}).to_csv(
+    per_label = {probability_column(label): probs[:, i].numpy() for i, label in enumerate(test.classes)}
+    pd.DataFrame({"index": test.index.numpy(), "actual": actual, "predicted": predicted, "confidence": confidences.numpy()} | per_label).to_csv(
         PREDICTIONS_FILE, index=False
     )
     figures.save(figures.confusion(actual, predicted, test.classes), CONFUSION_PNG)

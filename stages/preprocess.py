@@ -3,14 +3,18 @@
 - train: a stratified `fraction` of the train split (seeded), less a stratified `data.val_fraction`
   of it held out as `val` for model selection; the test split is never used for selection.
 - test: a stratified `data.test_fraction` of the test split.
-Images keep their native resolution when they share one (CIFAR: 32×32), else are resized once to
-`data.storage_size`. Resizing to the model's input size and normalising happen later, in batches.
+Images keep their native resolution when they share one (CIFAR: 32×32). Images of mixed sizes are
+resized once: by default (`data.storage_size: null`) to the model's input size with its image
+processor's filter, so the model sees what its processor would make of the original file; to a
+`data.storage_size` square (bilinear) when that is set. Resizing to the model's input size, where
+still needed, and normalising happen later, in batches.
 """
 from __future__ import annotations
 
 import io
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,7 @@ from tqdm import tqdm
 from stages import tracking
 from stages.dataformat import PROCESSED_DIR, TensorSplit, decode_rgb, processed_path, read_classes, read_raw, save_split, split_off, stratified_share
 from stages.errors import PipelineError
+from stages.inputsize import model_input
 from stages.params import Params, load_params
 
 
@@ -40,21 +45,34 @@ def draw_indices(train_labels: np.ndarray, test_labels: np.ndarray, classes: lis
     return {"train": train, "val": val, "test": test}
 
 
-def storage_size(frames: list[pd.DataFrame], params: Params) -> tuple[int, int] | None:
-    """None when every image shares one size (kept as is), else the square to resize to."""
+@dataclass(frozen=True)
+class Storage:
+    size: tuple[int, int]  # (width, height), as PIL counts
+    resample: int  # PIL filter
+    why: str
+
+
+def storage_size(frames: list[pd.DataFrame], params: Params) -> Storage | None:
+    """None when every image shares one size (kept as is), else the square to resize to and how."""
     sizes = {Image.open(io.BytesIO(data)).size for frame in frames for data in frame["image"]}
-    return None if len(sizes) == 1 else (params.data.storage_size, params.data.storage_size)
+    if len(sizes) == 1:
+        return None
+    if params.data.storage_size is not None:
+        side = params.data.storage_size
+        return Storage((side, side), Image.BILINEAR, f"data.storage_size={side}")
+    model = model_input(params.model.name, params.model.image_size)
+    return Storage((model.width, model.height), model.resample, f"the input size of {params.model.name}")
 
 
-def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], resize_to: tuple[int, int] | None, desc: str) -> TensorSplit:
+def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], storage: Storage | None, desc: str) -> TensorSplit:
     """Decode straight into one preallocated uint8 array: no float copies are ever held. The split
     holds numpy arrays (N×3×H×W): this stage saves them and needs no torch."""
     images, paths = frame["image"].to_numpy(), frame["path"].to_numpy()
-    width, height = resize_to or decode_rgb(images[rows[0]], paths[rows[0]]).size
+    width, height = storage.size if storage else decode_rgb(images[rows[0]], paths[rows[0]]).size
     pixels = np.empty((len(rows), height, width, 3), dtype=np.uint8)
     for i, row in enumerate(tqdm(rows, desc=desc, unit="img", mininterval=1)):
         img = decode_rgb(images[row], paths[row])
-        pixels[i] = img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+        pixels[i] = img if img.size == (width, height) else img.resize((width, height), storage.resample)
     labels = frame["label"].to_numpy()[rows].astype(np.int64)
     return TensorSplit(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), labels, rows.astype(np.int64), classes)
 
@@ -65,17 +83,17 @@ def main() -> None:
     raw = {split: read_raw(split) for split in ("train", "test")}
     rows = draw_indices(raw["train"]["label"].to_numpy(), raw["test"]["label"].to_numpy(), classes, params)
     picked = [raw["train"].iloc[rows["train"]], raw["train"].iloc[rows["val"]], raw["test"].iloc[rows["test"]]]
-    resize_to = storage_size(picked, params)
+    storage = storage_size(picked, params)
     if PROCESSED_DIR.exists():
         shutil.rmtree(PROCESSED_DIR)
     PROCESSED_DIR.mkdir(parents=True)
     sizes = {}
     for name, source in (("train", "train"), ("val", "train"), ("test", "test")):
-        split = to_tensors(raw[source], rows[name], classes, resize_to, desc=f"preprocess {name}")
+        split = to_tensors(raw[source], rows[name], classes, storage, desc=f"preprocess {name}")
         save_split(split, processed_path(name))
         sizes[name] = len(split)
     shape = "x".join(map(str, split.pixels.shape[1:]))
-    print(f"preprocess: {sizes} images of {shape} uint8 -> {PROCESSED_DIR}/" + (f" (resized to {resize_to})" if resize_to else ""))
+    print(f"preprocess: {sizes} images of {shape} uint8 -> {PROCESSED_DIR}/" + (f" (mixed sizes, resized to {storage.why})" if storage else " (native size)"))
     tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
 
 

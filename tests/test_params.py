@@ -28,6 +28,7 @@ def test_repo_params_load_with_the_documented_defaults():
     assert params.fraction == 0.01
     assert params.data.source == "uoft-cs/cifar10"
     assert params.model.name == "google/vit-base-patch16-224"
+    assert params.data.storage_size is None  # mixed-size images are stored at the model's input size
     # at least 1,000 CIFAR-10 test images are evaluated by default
     assert params.data.test_fraction * 10_000 >= 1_000
     assert flatten(params)["train.lr"] == params.train.lr
@@ -53,6 +54,8 @@ def test_repo_params_load_with_the_documented_defaults():
         ("data.test_fraction", 0),
         ("data.val_fraction", 1),
         ("model.image_size", 4),
+        ("data.storage_size", 4),
+        ("data.storage_size", "big"),
         ("model.name", " "),
     ],
 )
@@ -76,6 +79,7 @@ def test_numbers_as_dvc_writes_them_are_accepted():
     params = params_from_dict(yaml.safe_load(yaml.safe_dump(with_value("train.lr", "5e-05"))))
     assert params.train.lr == pytest.approx(5e-5)
     assert params_from_dict(with_value("model.image_size", 128)).model.image_size == 128
+    assert params_from_dict(with_value("data.storage_size", 64)).data.storage_size == 64
 
 
 def test_missing_params_file_says_where_to_run(tmp_path):

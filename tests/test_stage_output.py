@@ -90,7 +90,7 @@ def project(small_tree, tmp_path_factory) -> Path:
         **{
             "fraction": 1.0, "data.source": str(small_tree), "data.test_fraction": 1.0, "model.name": "efficientnet-lite0",
             "model.image_size": 32, "train.epochs": 1, "train.lr": 1e-3, "train.precision": "fp32",
-            "export.check_images": 18, "export.min_agreement": 0.5,  # about the output here, not the export's agreement
+            "export.check_images": 18, "export.max_probability_diff": 0.99,  # about the output here, not the export check
         },
     )
     run_as_dvc(project, *STAGES)
