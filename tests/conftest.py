@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
@@ -74,3 +75,16 @@ def jpeg_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) ->
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def set_params(project: Path, **values) -> None:
+    """Set params.yaml keys in `project`, nested keys spelled with `__` (train__lr=1e-3)."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in values.items():
+        node = params
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from scripts.compare_runs import free_port, mlflow_server, screenshot_comparison
-from tests.conftest import ROOT
+from tests.conftest import ROOT, set_params
 
 pytestmark = pytest.mark.slow  # each test runs the pipeline: `make test`, not `make test-fast`
 
@@ -44,17 +44,6 @@ def run(cmd: list[str], repo: Path, env: dict[str, str] | None = None, status: i
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w@]+)'", output))
 
-
-def set_params(repo: Path, **values) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in values.items():
-        node = params
-        *parents, leaf = key.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, set_params
 
 STAGES = ("inputs", "download", "preprocess", "finetune", "evaluate", "export")
 TRACKED = STAGES[1:]  # inputs only checks params.yaml and digests inputs: it opens no run
@@ -54,17 +53,6 @@ for stage in sys.argv[1:]:
 """
 
 
-def set_params(project: Path, **values) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in values.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
 
 def run_as_dvc(project: Path, *stages: str) -> None:
     shutil.rmtree(project / "out", ignore_errors=True)
@@ -88,9 +76,9 @@ def project(small_tree, tmp_path_factory) -> Path:
     set_params(
         project,
         **{
-            "fraction": 1.0, "data.source": str(small_tree), "data.test_fraction": 1.0, "model.name": "efficientnet-lite0",
-            "model.image_size": 32, "train.epochs": 1, "train.lr": 1e-3, "train.precision": "fp32",
-            "export.check_images": 18, "export.max_probability_diff": 0.99,  # about the output here, not the export check
+            "fraction": 1.0, "data__source": str(small_tree), "data__test_fraction": 1.0, "model__name": "efficientnet-lite0",
+            "model__image_size": 32, "train__epochs": 1, "train__lr": 1e-3, "train__precision": "fp32",
+            "export__check_images": 18, "export__max_probability_diff": 0.99,  # about the output here, not the export check
         },
     )
     run_as_dvc(project, *STAGES)
