@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from stages.errors import PipelineError
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
 # torch, safetensors.torch and scikit-learn are imported where they are used: the download and
@@ -70,6 +70,8 @@ def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
     path = raw_path(split, root)
     if not path.exists():
         raise PipelineError(f"{path} not found; run the download stage first (dvc repro download)")
+    import pandas as pd  # here, so the stages that only need a path (inputs, on every dvc repro) start fast
+
     frame = pd.read_parquet(path)
     return pd.DataFrame(
         {"image": frame["image"].map(lambda cell: cell["bytes"]), "path": frame["image"].map(lambda cell: cell["path"]), "label": frame["label"]}

@@ -79,11 +79,11 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ExportParams:
     check_images: int  # test images the exported model classifies through pipeline(...)
-    max_probability_diff: float  # largest allowed |exported - evaluated| class probability on them
+    max_mean_probability_diff: float  # largest allowed mean |exported - evaluated| class probability on them
 
     def validate(self) -> None:
         _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
-        _require(0 < self.max_probability_diff < 1, "export.max_probability_diff", self.max_probability_diff, "a number in (0, 1)")
+        _require(0 < self.max_mean_probability_diff < 1, "export.max_mean_probability_diff", self.max_mean_probability_diff, "a number in (0, 1)")
 
 
 @dataclass(frozen=True)
