@@ -84,3 +84,24 @@ def test_an_8_bit_image_decodes_as_before(tmp_path):
     from stages.dataformat import decode_rgb
 
     assert np.asarray(decode_rgb(jpeg_bytes((10, 200, 30)), "x.jpg")).mean(axis=(0, 1)).round().tolist() == pytest.approx([10, 200, 30], abs=3)
+
+
+SMALL = np.repeat(np.arange(3), 20)  # the small tree: 20 train images per class
+SMALL_TEST = np.repeat(np.arange(3), 6)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fraction", 1e-9, r"^params.yaml: fraction=1e-09 leaves class '0' with 0 train image\(s\); allowed: fraction >= 0.1 for this data$"),
+        ("data.test_fraction", 1e-9, r"^params.yaml: data.test_fraction=1e-09 leaves class '0' with 0 test image\(s\); allowed: data.test_fraction >= 0.1667 for this data$"),
+        ("data.val_fraction", 1e-9, r"^params.yaml: data.val_fraction=1e-09 holds out 1 of 60 drawn train images, fewer than the 3 classes; allowed: data.val_fraction >= 0.05"),
+    ],
+)
+def test_a_share_too_small_for_a_stratified_draw_is_named_not_sklearns_error(key, value, message):
+    raw = with_value(key, value)
+    raw["fraction"] = value if key == "fraction" else 1.0
+    raw["data"]["test_fraction"] = value if key == "data.test_fraction" else 1.0
+    params = params_from_dict(raw)
+    with pytest.raises(PipelineError, match=message):
+        draw_indices(SMALL, SMALL_TEST, ["0", "1", "2"], params)
