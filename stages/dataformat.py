@@ -78,11 +78,23 @@ def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
     )
 
 
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # PIL's 16-bit (and 32-bit integer) greyscale
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own convert clips 16-bit greyscale (PNG "I;16"/"I") at 255, which makes it
+    all white; its 0-65535 range is scaled by 1/257 instead (65535 -> 255)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        scaled = np.rint(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_rgb(data: bytes, name: str) -> Image.Image:
     """Decode one image fully; a corrupt file is named in the error, not discovered mid-training."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:  # PIL raises several unrelated types for bad data
         raise PipelineError(f"image {name} cannot be decoded ({type(err).__name__}: {err}); remove or replace it in data.source") from None
 

@@ -39,6 +39,13 @@ class Dataset:
     revision: str | None = None  # the Hub commit downloaded; None for a local source or offline
 
 
+def check_classes(classes: list[str], source: str) -> None:
+    """A classifier needs two classes at least: say so before any image is decoded or written."""
+    if len(classes) < 2:
+        found = f"only class {classes[0]!r}" if classes else "no class"
+        raise PipelineError(f"data.source={source!r} has {found}; classification needs at least two: give it one folder (or label) per class, two or more")
+
+
 def _split_and_class(member: str) -> tuple[str, str] | None:
     """`[prefix/]<split>/<class>/<file>` with an image suffix -> (split, class); anything else is skipped."""
     parts = Path(member).parts
@@ -98,6 +105,7 @@ def records_from_datasets(dsets, name: str) -> Dataset:
         raise PipelineError(f"data.source={name!r} needs an Image column and a ClassLabel column; it has {dict(features)}")
     image_col, label_col = image_cols[0], label_cols[0]
     classes = features[label_col].names
+    check_classes(classes, name)
     records = {}
     for split in SPLITS:
         table = dsets[split].cast_column(image_col, datasets.Image(decode=False))
@@ -117,6 +125,7 @@ def load_local(path: Path) -> Dataset:
         if not records[split]:
             raise PipelineError(f"data.source={str(path)!r} holds no images under {split}/<class>/; lay it out as <split>/<class>/<image> with splits {', '.join(SPLITS)}")
     classes = sorted({r[1] for r in records["train"]})  # alphabetical, as imagefolder loaders do
+    check_classes(classes, str(path))
     extra = sorted({r[1] for r in records["test"]} - set(classes))
     if extra:
         raise PipelineError(f"data.source={str(path)!r}: test class {extra[0]!r} has no train images; every test class needs a train folder")

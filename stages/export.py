@@ -10,12 +10,17 @@ average. The processor resizes in PIL, evaluate in torch: a correct export diffe
 a confident model may amplify on the odd image (the largest difference is recorded, not judged),
 while a wrong normalisation or input size moves the probabilities of most images.
 Once proven, the model is logged to the run with MLflow's transformers flavour and registered as
-`tracking.registered_model`, its newest version aliased `candidate`.
+`tracking.registered_model`. The alias `candidate` promises a sane model: its version gets it only
+when its test accuracy (metrics/eval.json) is above chance (1/classes); a model at or below chance is
+registered without it, and one with non-finite weights (diverged training) fails before anything is
+written or registered.
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +101,47 @@ def check_export(target: Path, n_images: int, batch_size: int) -> dict:
     }
 
 
+def check_finite_weights(model_dir: Path) -> None:
+    """Fail on weights holding NaN or inf (training diverged): such a model is never exported or registered."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PipelineError(f"{model_dir} holds no *.safetensors weights; re-run the finetune stage (dvc repro -f finetune)")
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                tensor = fh.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise PipelineError(
+                        f"{file}: weight {name} holds non-finite values (NaN or inf), so training diverged; nothing was exported or registered: "
+                        "re-run finetune with a lower train.lr (or train.lr: auto)"
+                    )
+
+
+def candidate_verdict(accuracy: float, n_classes: int) -> str | None:
+    """None when the model may be aliased `candidate`; else why not: a test accuracy at or below chance."""
+    chance = 1 / n_classes
+    if not math.isfinite(accuracy) or accuracy <= chance * (1 + 1e-9):
+        return f"its test accuracy {accuracy:.4f} (metrics/eval.json) is at or below chance (1/{n_classes} = {chance:.4f})"
+    return None
+
+
 def main() -> None:
     params = load_params()
     if not (FINETUNED_DIR / "config.json").exists():
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
-    if not PREDICTIONS_FILE.exists():
-        raise PipelineError(f"{PREDICTIONS_FILE} not found; run the evaluate stage first (dvc repro evaluate)")
+    for path in (PREDICTIONS_FILE, EVAL_FILE):
+        if not path.exists():
+            raise PipelineError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
+    check_finite_weights(FINETUNED_DIR)
+    evaluation = json.loads(EVAL_FILE.read_text())
+    n_classes = len(AutoConfig.from_pretrained(FINETUNED_DIR).id2label)
+    not_candidate = candidate_verdict(float(evaluation["accuracy"]), n_classes)
     write_export(FINETUNED_DIR, EXPORT_DIR)
     check = check_export(EXPORT_DIR, params.export.check_images, params.evaluate.batch_size)
-    evaluate_precision = json.loads(EVAL_FILE.read_text()).get("precision", "fp32") if EVAL_FILE.exists() else "fp32"
+    evaluate_precision = evaluation.get("precision", "fp32")
     check |= {"evaluate_precision": evaluate_precision, "allowed_mean_probability_diff": params.export.max_mean_probability_diff}
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     METRICS_FILE.write_text(json.dumps(check, indent=2) + "\n")
@@ -122,7 +159,9 @@ def main() -> None:
             f"image_mean/image_std) is the one it was trained with, and re-run finetune and evaluate (see {METRICS_FILE})"
         )
     example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
-    tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name)
+    if not_candidate:
+        print(f"warning: export: {EXPORT_DIR} is registered without the alias @{tracking.MODEL_ALIAS}: {not_candidate}", file=sys.stderr)
+    tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=not_candidate is None)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForImageClassification,
     PreTrainedModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     get_cosine_schedule_with_warmup,
     set_seed,
@@ -92,6 +93,30 @@ def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, 
             f"(model.image_size={params.model.image_size}): {str(err).splitlines()[0]}"
         ) from None
     model.train()
+
+
+def check_finite_loss(value: float, which: str, epoch: int, params: Params) -> None:
+    """Stop at a non-finite loss (diverged training), naming the learning rate, before anything is written."""
+    if not math.isfinite(value):
+        lr = params.train.lr
+        raise PipelineError(
+            f"train.lr={lr:g}: the {which} loss became {value} in epoch {epoch} of {params.train.epochs} (train.mode={params.train.mode}); "
+            f"training diverged and no model was written: lower train.lr (e.g. {lr / 10:g}) or set train.lr: auto"
+        )
+
+
+class FiniteLossCallback(TrainerCallback):
+    """Full mode: the Trainer logs the epoch's mean training loss, then the validation loss, before it
+    saves the epoch's checkpoint; a non-finite one stops training there."""
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        epoch = max(1, math.ceil(state.epoch or 0))
+        for key, which in (("loss", "training"), ("eval_loss", "validation")):
+            if logs and key in logs:
+                check_finite_loss(float(logs[key]), which, epoch, self.params)
 
 
 def inputs_fingerprint(params: Params, device: str, precision: str) -> dict:
@@ -168,6 +193,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         dataloader_num_workers=0,  # the data is already in memory
         remove_unused_columns=False,
         report_to="none",  # tracking.pipeline_run logs to MLflow, one run per pipeline execution
+        logging_nan_inf_filter=False,  # a non-finite loss must show, so FiniteLossCallback stops training
     )
     trainer = Trainer(
         model=model,
@@ -177,6 +203,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         data_collator=collate,
         processing_class=processor,
         compute_metrics=accuracy,
+        callbacks=[FiniteLossCallback(params)],
     )
     result = trainer.train(resume_from_checkpoint=resume)
     best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
@@ -202,6 +229,7 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
         losses = []
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             loss = F.cross_entropy(head(features[batch]), data["labels"][batch])
+            check_finite_loss(loss.item(), "training", epoch, params)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -211,7 +239,9 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
         with torch.no_grad():
             logits = head(val["features"])
         val_accuracy = float((logits.argmax(-1) == val["labels"]).float().mean())
-        rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": F.cross_entropy(logits, val["labels"]).item(), "val_accuracy": val_accuracy})
+        val_loss = F.cross_entropy(logits, val["labels"]).item()
+        check_finite_loss(val_loss, "validation", epoch, params)
+        rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": val_loss, "val_accuracy": val_accuracy})
         if val_accuracy > best_accuracy:  # the first best epoch, as the Trainer keeps it
             best_accuracy, best_state = val_accuracy, copy.deepcopy(head.state_dict())
     seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ still needed, and normalising happen later, in batches.
 from __future__ import annotations
 
 import io
+import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -28,8 +29,25 @@ from stages.inputsize import model_input
 from stages.params import Params, load_params
 
 
+def check_share(key: str, share: float, labels: np.ndarray, classes: list[str], per_class: int, what: str) -> None:
+    """A share too small for scikit-learn's stratified draw ("the resulting train set will be empty", or
+    fewer images than classes) is named here, in the words of the check after the draw."""
+    if share >= 1:
+        return
+    counts = Counter(labels.tolist())
+    smallest = min(range(len(classes)), key=lambda c: counts.get(c, 0))
+    if math.floor(share * len(labels)) < per_class * len(classes):
+        kept = math.floor(share * counts.get(smallest, 0))
+        need = per_class / max(1, counts.get(smallest, 0))
+        raise PipelineError(
+            f"params.yaml: {key}={share} leaves class {classes[smallest]!r} with {kept} {what} image(s); allowed: {key} >= {need:.4g} for this data"
+        )
+
+
 def draw_indices(train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str], params: Params) -> dict[str, np.ndarray]:
     """Row numbers of each processed split in its raw split; checks every class keeps images."""
+    check_share("fraction", params.fraction, train_labels, classes, 2, "train")  # one to train on, one to validate with
+    check_share("data.test_fraction", params.data.test_fraction, test_labels, classes, 1, "test")
     drawn = stratified_share(train_labels, params.fraction, params.seed)
     per_class = Counter(train_labels[drawn].tolist())
     fewest = min(per_class.get(c, 0) for c in range(len(classes)))
@@ -37,6 +55,14 @@ def draw_indices(train_labels: np.ndarray, test_labels: np.ndarray, classes: lis
         poorest = classes[min(range(len(classes)), key=lambda c: per_class.get(c, 0))]
         need = 2 / min(Counter(train_labels.tolist()).values())
         raise PipelineError(f"params.yaml: fraction={params.fraction} leaves class {poorest!r} with {fewest} train image(s); allowed: fraction >= {need:.4g} for this data")
+    held = math.ceil(params.data.val_fraction * len(drawn))  # as scikit-learn counts a test_size
+    if held < len(classes):
+        raise PipelineError(
+            f"params.yaml: data.val_fraction={params.data.val_fraction} holds out {held} of {len(drawn)} drawn train images, fewer than the "
+            f"{len(classes)} classes; allowed: data.val_fraction >= {len(classes) / len(drawn):.4g} for this data, or raise fraction"
+        )
+    if len(drawn) - held < len(classes):
+        raise PipelineError(f"params.yaml: data.val_fraction={params.data.val_fraction} leaves fewer train images than classes; lower it or raise fraction")
     train, val = split_off(drawn, train_labels, params.data.val_fraction, params.seed)
     missing = set(range(len(classes))) - set(train_labels[train].tolist())
     if missing:

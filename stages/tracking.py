@@ -372,8 +372,9 @@ def _unless_loadable_by_mlflow(model) -> Iterator[None]:
 
 
 @_tracked("the model")
-def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str) -> None:
-    """Log an image-classification model directory with the transformers flavour, register it, alias it."""
+def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
+    """Log an image-classification model directory with the transformers flavour, register it, and
+    alias the new version `candidate` when `alias` (the export stage's sanity bar passed)."""
     from huggingface_hub import ModelCard
     from PIL import Image
     from transformers import pipeline
@@ -398,5 +399,8 @@ def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_
             pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
             registered_model_name=registered_name,
         )
+    if not alias:
+        print(f"tracking: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")
+        return
     mlflow.MlflowClient().set_registered_model_alias(registered_name, MODEL_ALIAS, info.registered_model_version)
     print(f"tracking: registered {registered_name} version {info.registered_model_version} as @{MODEL_ALIAS}")

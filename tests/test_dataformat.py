@@ -54,3 +54,54 @@ def test_tensor_split_round_trip_is_compact(tmp_path):
     assert back.classes == ["a", "b", "c"]
     per_image = processed_path("train", tmp_path).stat().st_size / 100
     assert per_image < 3.2 * 1024  # 3,072 pixel bytes + label + index, vs ~605 KB as float32 224×224
+
+
+@pytest.mark.parametrize("mode, file", [("I;16", "deep.png"), ("I", "deep.tif")])  # PIL writes no mode-I PNG; TIFF keeps it
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(mode, file, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from stages.dataformat import decode_rgb
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    image = Image.fromarray(ramp) if mode == "I;16" else Image.fromarray(ramp.astype(np.int32))
+    assert image.mode == mode
+    image.save(tmp_path / file)
+    data = (tmp_path / file).read_bytes()
+    with Image.open(io.BytesIO(data)) as reread:
+        assert reread.mode == mode  # a 16-bit greyscale PNG opens as I;16
+    decoded = np.asarray(decode_rgb(data, file))
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    assert np.array_equal(decoded[..., 0], expected) and np.array_equal(decoded[..., 1], expected)
+    assert decoded.min() == 0 and decoded.max() == 255 and len(np.unique(decoded)) > 200  # not all white
+
+
+def test_an_8_bit_image_decodes_as_before(tmp_path):
+    from tests.conftest import jpeg_bytes
+
+    from stages.dataformat import decode_rgb
+
+    assert np.asarray(decode_rgb(jpeg_bytes((10, 200, 30)), "x.jpg")).mean(axis=(0, 1)).round().tolist() == pytest.approx([10, 200, 30], abs=3)
+
+
+SMALL = np.repeat(np.arange(3), 20)  # the small tree: 20 train images per class
+SMALL_TEST = np.repeat(np.arange(3), 6)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fraction", 1e-9, r"^params.yaml: fraction=1e-09 leaves class '0' with 0 train image\(s\); allowed: fraction >= 0.1 for this data$"),
+        ("data.test_fraction", 1e-9, r"^params.yaml: data.test_fraction=1e-09 leaves class '0' with 0 test image\(s\); allowed: data.test_fraction >= 0.1667 for this data$"),
+        ("data.val_fraction", 1e-9, r"^params.yaml: data.val_fraction=1e-09 holds out 1 of 60 drawn train images, fewer than the 3 classes; allowed: data.val_fraction >= 0.05"),
+    ],
+)
+def test_a_share_too_small_for_a_stratified_draw_is_named_not_sklearns_error(key, value, message):
+    raw = with_value(key, value)
+    raw["fraction"] = value if key == "fraction" else 1.0
+    raw["data"]["test_fraction"] = value if key == "data.test_fraction" else 1.0
+    params = params_from_dict(raw)
+    with pytest.raises(PipelineError, match=message):
+        draw_indices(SMALL, SMALL_TEST, ["0", "1", "2"], params)

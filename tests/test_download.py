@@ -91,3 +91,33 @@ def test_unreachable_hub_fails_fast_and_says_how_to_run_offline(monkeypatch):
     message = str(err.value)
     assert "data.source='uoft-cs/cifar10'" in message
     assert "cannot reach the Hugging Face Hub" in message and "data.source=path/to/cifar10-jpg.tgz" in message
+
+
+def test_a_dataset_of_one_class_stops_before_anything_is_written(tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        (tmp_path / "one" / split / "cat" / "a.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
+    with pytest.raises(PipelineError, match=r"^data.source='.*one' has only class 'cat'; classification needs at least two") as failed:
+        resolve_source(str(tmp_path / "one"))
+    assert "\n" not in str(failed.value)
+    # the whole stage: nothing under data/raw
+    import yaml
+
+    from stages import download
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = str(tmp_path / "one")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path / "project")
+    with pytest.raises(PipelineError, match="has only class 'cat'"):
+        download.main()
+    assert not (tmp_path / "project" / "data").exists()
+
+
+def test_a_hub_style_dataset_of_one_class_is_refused(small_tree):
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat"])})
+    split = datasets.Dataset.from_dict({"img": [{"bytes": jpeg_bytes((1, 1, 1)), "path": None}], "label": [0]}, features=features)
+    with pytest.raises(PipelineError, match="data.source='some/one-class' has only class 'cat'"):
+        records_from_datasets(datasets.DatasetDict({"train": split, "test": split}), "some/one-class")

@@ -11,8 +11,9 @@ import pytest
 
 from bench.export_check import alter_processor, cifar_folder, evaluated_project, working_directory
 from stages import efficientnet_lite, export
-from stages.dataformat import FINETUNED_DIR, PREDICTIONS_FILE, probability_column
+from stages.dataformat import EVAL_FILE, EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, probability_column
 from stages.errors import PipelineError
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,52 @@ def test_a_vit_fed_another_size_fails_in_one_line(cifar10, tiny_vit, tmp_path):
     alter_processor(project / FINETUNED_DIR, size={"height": 64, "width": 64})
     with pytest.raises(PipelineError, match=r"cannot classify test images through pipeline\(\).*doesn't match model"):
         run_export(project)
+
+
+@pytest.mark.parametrize(
+    "accuracy, n_classes, aliased",
+    [(0.9, 10, True), (0.11, 10, True), (0.1, 10, False), (0.05, 10, False), (3 / 9, 3, False), (4 / 9, 3, True), (float("nan"), 3, False)],
+)
+def test_candidate_verdict_withholds_the_alias_at_or_below_chance(accuracy, n_classes, aliased):
+    verdict = export.candidate_verdict(accuracy, n_classes)
+    assert (verdict is None) == aliased
+    if verdict:
+        assert "at or below chance" in verdict and f"1/{n_classes}" in verdict and "metrics/eval.json" in verdict
+
+
+def test_non_finite_weights_fail_in_one_line_before_anything_is_written(tiny_vit, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    export.check_finite_weights(tiny_vit)  # a sane model passes
+    broken = tmp_path / "finetuned"
+    shutil.copytree(tiny_vit, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim == 2)
+    weights[name][0, 0] = torch.nan
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PipelineError, match=rf"model.safetensors: weight {name} holds non-finite values .*lower train.lr") as failed:
+        export.check_finite_weights(broken)
+    assert "\n" not in str(failed.value)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(PipelineError, match="holds no \\*.safetensors weights"):
+        export.check_finite_weights(broken)
+
+
+def test_export_of_non_finite_weights_writes_and_registers_nothing(tiny_vit, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_vit, tmp_path / FINETUNED_DIR)
+    weights = load_file(str(tmp_path / FINETUNED_DIR / "model.safetensors"))
+    weights = {k: torch.full_like(v, torch.inf) if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(tmp_path / FINETUNED_DIR / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / PREDICTIONS_FILE).parent.mkdir(parents=True)
+    (tmp_path / PREDICTIONS_FILE).write_text("index,actual,predicted,confidence\n")
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"accuracy": 0.5, "precision": "fp32"}))
+    monkeypatch.setattr(export.tracking, "log_model", lambda *a, **k: pytest.fail("registered a model with non-finite weights"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="non-finite values"):
+        export.main()
+    assert not (tmp_path / EXPORT_DIR).exists() and not (tmp_path / export.METRICS_FILE).exists()

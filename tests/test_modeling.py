@@ -102,3 +102,31 @@ def test_cached_features_through_the_head_give_the_whole_models_logits(small_tre
 def test_head_mode_needs_a_classifier_head():
     with pytest.raises(PipelineError, match="train.mode=head needs a model with a `classifier` head.*train.mode=full"):
         classifier_head(torch.nn.Linear(2, 2), "some/model")
+
+
+def test_a_saved_text_model_is_named_in_one_line(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "tiny-bert"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    message = r"model.name='.*tiny-bert' is not an image-classification model \(model_type bert\)"
+    with pytest.raises(PipelineError, match=message) as failed:
+        check_model_name(str(bert))
+    assert "\n" not in str(failed.value)
+    with pytest.raises(PipelineError, match=message):
+        load_pretrained(str(bert), ["a", "b"])
+
+
+def test_a_model_folder_without_weights_is_named_in_one_line(tiny_vit, tmp_path):
+    import shutil
+
+    bare = tmp_path / "no-weights"
+    shutil.copytree(tiny_vit, bare)
+    (bare / "model.safetensors").unlink()
+    message = r"model.name='.*no-weights': the folder has config.json but no weights \(model.safetensors or pytorch_model.bin\)"
+    with pytest.raises(PipelineError, match=message) as failed:
+        check_model_name(str(bare))
+    assert "\n" not in str(failed.value)
+    with pytest.raises(PipelineError, match=message):
+        load_pretrained(str(bare), ["a", "b"])
+    check_model_name(str(tiny_vit))  # with its weights: fine

@@ -162,3 +162,20 @@ def test_a_stage_run_by_hand_finishes_its_own_run(tmp_path, monkeypatch):
     with tracking.pipeline_run(params, "evaluate"):
         pass
     assert the_run(tmp_path).info.status == "FINISHED"
+
+
+def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(tiny_vit, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from tests.conftest import jpeg_bytes
+
+    params = local_store_params(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
+    for alias in (True, False):  # a sane model, then one at chance
+        with tracking.pipeline_run(params, "export"):
+            tracking.log_model(tiny_vit, "tiny", jpeg_bytes((50, 60, 70)), str(tiny_vit), alias=alias)
+    out = capsys.readouterr().out
+    assert "registered tiny version 1 as @candidate" in out and "registered tiny version 2, not aliased @candidate" in out
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
+    assert len(client.search_model_versions("name='tiny'")) == 2
