@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 import time
 
 import numpy as np
@@ -104,29 +105,30 @@ def test_head_mode_needs_a_classifier_head():
         classifier_head(torch.nn.Linear(2, 2), "some/model")
 
 
-def test_a_saved_text_model_is_named_in_one_line(tmp_path):
+def saved_text_model(tiny_vit, folder):
     from transformers import BertConfig, BertModel
 
-    bert = tmp_path / "tiny-bert"
-    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
-    message = r"model.name='.*tiny-bert' is not an image-classification model \(model_type bert\)"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+
+
+def weightless_model(tiny_vit, folder):
+    shutil.copytree(tiny_vit, folder)
+    (folder / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (saved_text_model, r"model.name='.*bad' is not an image-classification model \(model_type bert\)"),
+        (weightless_model, r"model.name='.*bad': the folder has config.json but no weights \(model.safetensors or pytorch_model.bin\)"),
+    ],
+    ids=["text-model", "no-weights"],
+)
+def test_a_model_folder_that_cannot_classify_images_is_named_in_one_line(make, message, tiny_vit, tmp_path):
+    make(tiny_vit, tmp_path / "bad")
     with pytest.raises(PipelineError, match=message) as failed:
-        check_model_name(str(bert))
+        check_model_name(str(tmp_path / "bad"))
     assert "\n" not in str(failed.value)
     with pytest.raises(PipelineError, match=message):
-        load_pretrained(str(bert), ["a", "b"])
-
-
-def test_a_model_folder_without_weights_is_named_in_one_line(tiny_vit, tmp_path):
-    import shutil
-
-    bare = tmp_path / "no-weights"
-    shutil.copytree(tiny_vit, bare)
-    (bare / "model.safetensors").unlink()
-    message = r"model.name='.*no-weights': the folder has config.json but no weights \(model.safetensors or pytorch_model.bin\)"
-    with pytest.raises(PipelineError, match=message) as failed:
-        check_model_name(str(bare))
-    assert "\n" not in str(failed.value)
-    with pytest.raises(PipelineError, match=message):
-        load_pretrained(str(bare), ["a", "b"])
-    check_model_name(str(tiny_vit))  # with its weights: fine
+        load_pretrained(str(tmp_path / "bad"), ["a", "b"])
+    check_model_name(str(tiny_vit))  # a saved image model with its weights: fine
