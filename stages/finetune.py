@@ -229,12 +229,13 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
         losses = []
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             loss = F.cross_entropy(head(features[batch]), data["labels"][batch])
-            check_finite_loss(loss.item(), "training", epoch, params)
+            loss_value = loss.item()
+            check_finite_loss(loss_value, "training", epoch, params)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(loss.item() * len(batch))
+            losses.append(loss_value * len(batch))
         head.eval()
         with torch.no_grad():
             logits = head(val["features"])

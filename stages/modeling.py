@@ -63,7 +63,7 @@ def check_local_model(path: Path, name: str) -> None:
     if model_type not in image_model_types():
         raise PipelineError(
             f"model.name={name!r} is not an image-classification model (model_type {model_type}); "
-            "give an image model (ViT, ConvNeXt, ResNet, ... saved with save_pretrained) or efficientnet-lite0"
+            f"give an image model (ViT, ConvNeXt, ResNet, ... saved with save_pretrained) or {efficientnet_lite.NAME}"
         )
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
         raise PipelineError(

@@ -197,7 +197,7 @@ def model_kind(name: str) -> str:
             return "efficientnet-lite" if json.loads(config.read_text()).get("model_type") == "efficientnet_lite" else "transformer"
         except ValueError:
             return "transformer"  # the model stage reports the broken config
-    return "efficientnet-lite" if name.startswith("efficientnet-lite") else "transformer"
+    return "efficientnet-lite" if name == EMBEDDED_MODEL else "transformer"
 
 
 def _resolve_auto(raw: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Classify image files with the exported model: `python -m stages.predict IMG...` (or `cifar-predict`).
+"""Classify image files with the exported model: `python -m stages.predict IMG...` (or `image-predict`).
 
 Prints one line per image: path, label, score.
 """
