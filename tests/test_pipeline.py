@@ -171,7 +171,8 @@ def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -
     history = rest.get("metrics/get-history", run_id=run_id, metric_key="val_accuracy")["metrics"]
     assert [m["step"] for m in history] == [1, 2]
     cpu = rest.get("metrics/get-history", run_id=run_id, metric_key="system/cpu_utilization_percentage")["metrics"]
-    assert len(cpu) >= 3 and "system/system_memory_usage_megabytes" in metrics  # sampled each second in finetune and evaluate
+    # Sampled each second while finetune and evaluate run: how many samples depends on the machine's speed.
+    assert cpu and "system/system_memory_usage_megabytes" in metrics
     assert tags["hardware.device"] == DEVICE and tags["hardware.precision"] == "fp32"
     assert (finetune["device"], finetune["precision"], evaluation["precision"]) == (DEVICE, "fp32", "fp32")
     assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
