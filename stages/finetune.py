@@ -46,6 +46,7 @@ from stages.params import Params, load_params
 CHECKPOINT_DIR = Path("models/checkpoints")
 FINGERPRINT_FILE = CHECKPOINT_DIR / "inputs.json"
 METRICS_FILE = Path("metrics/finetune.json")
+SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
 EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
 
 
@@ -288,22 +289,22 @@ def main() -> None:
         "best_val_accuracy": float(best["val_accuracy"]),
         "train_images": len(train),
         "val_images": len(val),
-        "train_seconds": round(seconds, 2),
-        "train_images_per_second": round(images_per_second, 2),
     }
+    speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images_per_second, 2)}
     # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
     provenance = {"device": device, "precision": precision, "base_model_revision": base_model_revision(params.model.name)}
     provenance |= {"lr": params.train.lr, "epochs": params.train.epochs}  # as resolved from `auto`
     EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
+    SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
     print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
     warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
 
     tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(provenance["base_model_revision"])})
     for row in epochs.to_dict("records"):
         tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
-    tracking.log_metrics(summary)
+    tracking.log_metrics(summary | speed)
     tracking.log_figure(figures.learning_curves(epochs), "learning_curves.png")
 
 
