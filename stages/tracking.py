@@ -53,6 +53,7 @@ if _QUIET:  # also when something imported MLflow before this module
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 from stages import hardware
+from stages.hub import project_root
 from stages.errors import PipelineError, run_stage
 from stages.params import Params, flatten, load_params
 
@@ -68,11 +69,6 @@ REACH_TIMEOUT_S = 10  # a server busy with other clients may take seconds; a clo
 # MLflow retries a failed HTTP request 7 times with backoff (minutes); once is enough to know.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def project_root() -> Path:
-    """DVC sets DVC_ROOT for every stage, to the real project even in a queued experiment's copy."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri() -> str:
