@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 from stages.dataformat import RAW_DIR, SPLITS, decode_rgb, raw_path
 from stages.errors import PipelineError
-from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
+from stages.hub import ARCHIVE_SUFFIXES, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.params import load_params
 from stages import tracking
 
-ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".zip")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OFFLINE_HINT = "point data.source at a local folder or archive laid out <split>/<class>/<image> (dvc exp run -S data.source=path/to/cifar10-jpg.tgz)"
 
@@ -137,8 +136,8 @@ def resolve_source(source: str) -> Dataset:
     if path.is_dir() or (path.is_file() and source.endswith(ARCHIVE_SUFFIXES)):
         return load_local(path)
     if path.is_file():
-        raise PipelineError(f"data.source={source!r} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; give a folder or an archive")
-    if looks_like_hub_id(source) and not source.endswith(ARCHIVE_SUFFIXES):
+        raise not_an_archive(source)
+    if looks_like_hub_id(source):
         return load_hub(source)
     raise missing_path("data.source", source, "file or folder")
 

@@ -9,7 +9,7 @@ from stages.errors import PipelineError
 
 HUB_TIMEOUT_S = 10  # a reachable Hub answers in well under a second
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-PATH_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")  # archives: files, never a Hub repo
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".zip")  # what data.source may name besides a folder; never a Hub repo
 
 
 def project_root() -> Path:
@@ -29,13 +29,17 @@ def looks_like_path(name: str) -> bool:
     first = Path(name).parts[0] if Path(name).parts else ""
     return (
         name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
-        or name.lower().endswith(PATH_SUFFIXES) or ("/" in name and local_path(first).is_dir())
+        or name.lower().endswith(ARCHIVE_SUFFIXES) or ("/" in name and local_path(first).is_dir())
     )
 
 
 def looks_like_hub_id(name: str) -> bool:
     """`org/name` or `name`, and neither something on disk nor spelled like a path."""
     return bool(_HUB_ID.match(name)) and not local_path(name).exists() and not looks_like_path(name)
+
+
+def not_an_archive(name: str) -> PipelineError:
+    return PipelineError(f"data.source={name!r} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; give a folder or an archive")
 
 
 def missing_path(key: str, name: str, what: str) -> PipelineError:

