@@ -13,7 +13,7 @@ from bench.export_check import alter_processor, cifar_folder, evaluated_project,
 from stages import efficientnet_lite, export
 from stages.dataformat import EVAL_FILE, EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, probability_column
 from stages.errors import PipelineError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, set_params
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,24 @@ def test_export_of_non_finite_weights_writes_and_registers_nothing(tiny_vit, tmp
     with pytest.raises(PipelineError, match="non-finite values"):
         export.main()
     assert not (tmp_path / EXPORT_DIR).exists() and not (tmp_path / export.METRICS_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def lite_three_classes(small_tree, tmp_path_factory):
+    """The 3-class folder (18 test images), EfficientNet-Lite0 with a fresh head at 64 px: low-margin predictions."""
+    return evaluated_project(tmp_path_factory.mktemp("lite3") / "project", small_tree, efficientnet_lite.NAME, 64, "fp32")
+
+
+@pytest.mark.parametrize("check_images", [9, 3])
+def test_the_check_holds_on_a_handful_of_images(lite_three_classes, tmp_path, check_images):
+    """Judged on the mean probability difference, not on label agreement: one flipped low-margin label
+    among 9 images does not fail a correct export, and a wrong processor still fails on as few as 3."""
+    project = tmp_path / "project"
+    shutil.copytree(lite_three_classes, project)
+    set_params(project, export__check_images=check_images)
+    check = run_export(project)
+    assert check["check_images"] == check_images
+    assert check["mean_probability_diff"] <= check["allowed_mean_probability_diff"]
+    alter_processor(project / FINETUNED_DIR, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    with pytest.raises(PipelineError, match="class probabilities differ from the evaluated ones"):
+        run_export(project)
