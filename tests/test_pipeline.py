@@ -432,3 +432,23 @@ def test_changed_code_data_or_model_reruns_exactly_what_depends_on_it(small_tree
     assert "resuming" not in output
     after = AutoModelForImageClassification.from_pretrained(repo / "models/finetuned").state_dict()
     assert not torch.equal(before["vit.embeddings.patch_embeddings.projection.weight"], after["vit.embeddings.patch_embeddings.projection.weight"])
+
+
+DETERMINISTIC = (
+    "metrics/finetune.json", "metrics/finetune_epochs.csv", "metrics/eval.json", "metrics/test_predictions.csv",
+    "metrics/export.json", "models/finetuned/model.safetensors", "models/export/model.safetensors",
+)
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_the_same_parameters_give_byte_identical_results(mode, small_tree, tiny_vit, dvc_cache, tmp_path):
+    """On CPU in fp32: every result file and the exported weights, byte for byte (throughput lives in *_speed.json)."""
+    repo = make_repo(
+        tmp_path / "repo", dvc_cache, data__source=str(small_tree), model__name=str(tiny_vit), fraction=1.0, data__test_fraction=1.0,
+        train__mode=mode, train__epochs=2, train__lr=1e-3, train__precision="fp32", export__check_images=18,
+    )
+    dvc(repo, "repro")
+    first = {name: (repo / name).read_bytes() for name in DETERMINISTIC}
+    shutil.rmtree(repo / "models/checkpoints", ignore_errors=True)  # a second run from scratch, not a resume
+    dvc(repo, "repro", "--force")
+    assert {name: (repo / name).read_bytes() for name in DETERMINISTIC} == first
