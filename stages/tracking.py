@@ -7,13 +7,18 @@ the run (`run_tracked_stage`), which records its wall time, and for finetune and
 system metrics (CPU, memory, GPU where present) every second.
 
 The store defaults to `mlflow.db` (SQLite) in the project root, also for queued and `--temp`
-experiments, which DVC runs in a copy under .dvc/tmp/exps/; MLFLOW_TRACKING_URI overrides it.
+experiments, which DVC runs in a copy under .dvc/tmp/exps/ and deletes; MLFLOW_TRACKING_URI overrides
+it. Nothing may land in that copy: a relative SQLite path is taken from the project root, and a new
+experiment's artifacts go to mlruns/ beside a SQLite file (see artifact_location). Parallel queue
+workers may open a new SQLite store at once: its creation is serialised by a file lock beside it.
 If the store cannot be reached, or fails mid-stage (connection, HTTP or database errors), the stage
 still completes (its results are in DVC's files) and prints one warning; with `tracking.required:
 true` it fails instead. Any other error in a logging call is a bug here and raises.
 
 The run reads RUNNING while the execution's stages run, FINISHED once its last stage (export) ends,
-FAILED as soon as a stage fails. A stage run by hand has a run of its own, FINISHED when it ends.
+FAILED as soon as a stage fails. A stage run by hand has a run of its own, FINISHED when it ends. A run
+left RUNNING by an execution whose `dvc` process is gone is ended by the next execution on the host:
+KILLED if it died inside a stage (kill -9), FINISHED if it stopped between stages (`dvc repro finetune`).
 MLflow's INFO lines are not shown (MLFLOW_LOGGING_LEVEL=WARNING unless set otherwise).
 """
 from __future__ import annotations
