@@ -7,18 +7,24 @@ the run (`run_tracked_stage`), which records its wall time, and for finetune and
 system metrics (CPU, memory, GPU where present) every second.
 
 The store defaults to `mlflow.db` (SQLite) in the project root, also for queued and `--temp`
-experiments, which DVC runs in a copy under .dvc/tmp/exps/; MLFLOW_TRACKING_URI overrides it.
+experiments, which DVC runs in a copy under .dvc/tmp/exps/ and deletes; MLFLOW_TRACKING_URI overrides
+it. Nothing may land in that copy: a relative SQLite path is taken from the project root, and a new
+experiment's artifacts go to mlruns/ beside a SQLite file (see artifact_location). Parallel queue
+workers may open a new SQLite store at once: its creation is serialised by a file lock beside it.
 If the store cannot be reached, or fails mid-stage (connection, HTTP or database errors), the stage
 still completes (its results are in DVC's files) and prints one warning; with `tracking.required:
 true` it fails instead. Any other error in a logging call is a bug here and raises.
 
 The run reads RUNNING while the execution's stages run, FINISHED once its last stage (export) ends,
-FAILED as soon as a stage fails. A stage run by hand has a run of its own, FINISHED when it ends.
+FAILED as soon as a stage fails. A stage run by hand has a run of its own, FINISHED when it ends. A run
+left RUNNING by an execution whose `dvc` process is gone is ended by the next execution on the host:
+KILLED if it died inside a stage (kill -9), FINISHED if it stopped between stages (`dvc repro finetune`).
 MLflow's INFO lines are not shown (MLFLOW_LOGGING_LEVEL=WARNING unless set otherwise).
 """
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import io
 import logging
@@ -58,6 +64,7 @@ from stages.errors import PipelineError, run_stage
 from stages.params import Params, flatten, load_params
 
 EXECUTION_TAG = "pipeline.execution"
+STAGE_TAG = "pipeline.stage"  # the stage the execution started last
 DATA_TAG = "data.processed_md5"  # the md5 DVC records for data/processed in dvc.lock
 MODEL_ALIAS = "candidate"
 SYSTEM_METRICS_STAGES = ("finetune", "evaluate")
@@ -72,12 +79,30 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else mlflow.db in the project root. A relative SQLite path is taken from the
+    project root too, not from the current directory: a queued experiment's copy, deleted after it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{project_root()}/{uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:////abs/path` URI (what tracking_uri() gives for SQLite); else None."""
+    return Path(urlsplit(uri).path[1:]) if uri.startswith("sqlite:////") else None
 
 
 def artifact_location() -> str | None:
-    """For the default store, mlruns/ beside mlflow.db, not in a queued experiment's temporary copy."""
-    return None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlruns").as_uri()
+    """Where a new experiment keeps its artifacts, so that they outlast a queued experiment's copy: MLflow's
+    default for a database store is ./mlruns in the current directory, which is that copy. A SQLite store
+    keeps them in mlruns/ beside its file (the default store: the project root's), another database in the
+    project root's mlruns/; a file store keeps them inside itself, and a server decides for itself (None)."""
+    uri = tracking_uri()
+    if database := sqlite_path(uri):
+        return (database.parent / "mlruns").as_uri()
+    if urlsplit(uri).scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        return (project_root() / "mlruns").as_uri()
+    return None
 
 
 def dvc_ancestor() -> psutil.Process | None:
@@ -224,9 +249,23 @@ def _check_reachable(uri: str) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).raise_for_status()
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while MLflow opens it: the first process creates its
+    tables (and the experiment), and two queue workers doing so at once break each other's migration."""
+    database = sqlite_path(uri)
+    if database is None or not database.parent.is_dir():  # (no folder: MLflow's own error says so)
+        yield
+        return
+    with open(f"{database}.lock", "a") as lock:  # closing it releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _experiment_id(name: str, location: str | None) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
+    with _store_lock(mlflow.get_tracking_uri()):  # the first call on the store creates it
+        experiment = mlflow.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
 
 
 def _find_run(experiment_id: str, execution: str) -> mlflow.entities.Run | None:
@@ -236,8 +275,29 @@ def _find_run(experiment_id: str, execution: str) -> mlflow.entities.Run | None:
     return runs[0] if runs else None
 
 
+def _alive(pid: int, started: str) -> bool:
+    try:
+        return f"{psutil.Process(pid).create_time():.3f}" == started
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _close_dead_runs(experiment_id: str) -> None:
+    """End the runs that executions on this host left RUNNING and whose `dvc` process is gone: nothing
+    else would. KILLED when it died inside a stage (kill -9: that stage's wall time was never logged),
+    FINISHED when it ended between stages (`dvc repro finetune`); the end time stays the last stage's."""
+    host = socket.gethostname()
+    running = f"attributes.status = 'RUNNING' and tags.`{EXECUTION_TAG}` LIKE '{host}:%'"
+    for run in mlflow.search_runs([experiment_id], filter_string=running, output_format="list"):
+        tagged_host, pid, started = run.data.tags[EXECUTION_TAG].rsplit(":", 2)
+        if tagged_host == host and not _alive(int(pid), started):
+            ended = f"{run.data.tags.get(STAGE_TAG)}_seconds" in run.data.metrics
+            mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED" if ended else "KILLED", run.info.end_time)
+
+
 def _start(params: Params, stage: str) -> mlflow.ActiveRun:
-    """Re-open this execution's run, or open it: the first stage logs params and the identifying tags."""
+    """Re-open this execution's run, or open it: the first stage logs params and the identifying tags,
+    and ends the runs of dead executions."""
     _check_reachable(mlflow.get_tracking_uri())
     experiment_id = _experiment_id(params.tracking.experiment, _session.artifact_location)
     execution = execution_id()
@@ -248,9 +308,12 @@ def _start(params: Params, stage: str) -> mlflow.ActiveRun:
     if found:
         # With `dvc repro --keep-going` stages run on after one failed: the run stays FAILED.
         _session.failed = found.info.status == "FAILED"
-        return mlflow.start_run(run_id=found.info.run_id, log_system_metrics=system_metrics)
+        run = mlflow.start_run(run_id=found.info.run_id, log_system_metrics=system_metrics)
+        mlflow.set_tag(STAGE_TAG, stage)
+        return run
+    _close_dead_runs(experiment_id)
     exp_name = os.environ.get("DVC_EXP_NAME")
-    tags = {EXECUTION_TAG: execution, "git.commit": git_commit(), "model.name": str(without_credentials(params.model.name))}
+    tags = {EXECUTION_TAG: execution, STAGE_TAG: stage, "git.commit": git_commit(), "model.name": str(without_credentials(params.model.name))}
     tags |= hardware.describe()
     if exp_name:
         tags["dvc.exp_name"] = exp_name

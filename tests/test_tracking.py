@@ -24,6 +24,20 @@ def test_the_default_store_is_the_project_root_even_in_a_queued_experiments_copy
     assert tracking.artifact_location() == f"file://{project}/mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.artifact_location() is None  # the server decides
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_a_queued_experiments_copy(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    monkeypatch.chdir(tmp_path)  # as in a queued experiment's copy: not the project root
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/mlflow.db")  # relative: to the project root
+    assert tracking.tracking_uri() == f"sqlite:///{project}/stores/mlflow.db"
+    assert tracking.artifact_location() == f"file://{project}/stores/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/mlflow/store.db")
+    assert tracking.artifact_location() == "file:///srv/mlflow/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg2://db.example.org/mlflow")
+    assert tracking.artifact_location() == f"file://{project}/mlruns"
 
 
 def test_credentials_in_a_url_are_not_logged():
@@ -179,3 +193,70 @@ def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
     assert len(client.search_model_versions("name='tiny'")) == 2
+
+
+def _stage_in_a_fresh_process(start, params) -> None:
+    """A download stage run by hand, once every process is ready: they open the store at once."""
+    tracking.dvc_ancestor = lambda: None
+    start.wait()
+    with tracking.pipeline_run(params, "download"):  # tracking.required: a store failure raises
+        tracking.log_metrics({"data.classes": 3})
+
+
+def test_processes_creating_one_fresh_sqlite_store_at_once_all_log(tmp_path, monkeypatch):
+    import multiprocessing
+
+    params = local_store_params(monkeypatch, tmp_path)
+    params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, required=True))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fork = multiprocessing.get_context("fork")  # MLflow is imported already: the processes start together
+    start = fork.Barrier(3)
+    stages = [fork.Process(target=_stage_in_a_fresh_process, args=(start, params)) for _ in range(3)]
+    for stage in stages:
+        stage.start()
+    for stage in stages:
+        stage.join(120)
+    assert [stage.exitcode for stage in stages] == [0, 0, 0]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 3 and all({"download_seconds", "data.classes"} <= set(run.data.metrics) for run in runs)
+
+
+def test_the_next_execution_ends_the_runs_that_dead_executions_left_running(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    import mlflow
+    import psutil
+
+    params = local_store_params(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "dvc_ancestor", psutil.Process)
+    with tracking.pipeline_run(params, "download"):  # creates the store and the experiment
+        pass
+    alive = the_run(tmp_path).info.run_id  # this execution's own, RUNNING between its stages
+    def dead_execution() -> str:
+        """The execution id of a process that has ended, as a killed `dvc` leaves it."""
+        gone = subprocess.Popen(["sleep", "60"])
+        execution = f"{socket.gethostname()}:{gone.pid}:{psutil.Process(gone.pid).create_time():.3f}"
+        gone.kill()
+        gone.wait()
+        return execution
+
+    client, experiment = mlflow.MlflowClient(), mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
+
+    def left_running(execution: str, stage: str, ended: bool) -> str:
+        run = client.create_run(experiment, tags={tracking.EXECUTION_TAG: execution, tracking.STAGE_TAG: stage})
+        if ended:  # the stage logged its wall time: the execution stopped between stages
+            client.log_metric(run.info.run_id, f"{stage}_seconds", 1.0)
+        return run.info.run_id
+
+    killed = left_running(dead_execution(), "export", ended=False)  # `kill -9` during export
+    stopped = left_running(dead_execution(), "finetune", ended=True)  # `dvc repro finetune` ended
+    elsewhere = left_running(f"other-host:1:1.000", "export", ended=False)  # another host's: not ours to judge
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: psutil.Process().parent())  # the next execution
+    with tracking.pipeline_run(params, "download"):
+        pass
+    status = {name: client.get_run(run_id).info.status for name, run_id in [("killed", killed), ("stopped", stopped), ("alive", alive), ("elsewhere", elsewhere)]}
+    assert status == {"killed": "KILLED", "stopped": "FINISHED", "alive": "RUNNING", "elsewhere": "RUNNING"}
