@@ -185,7 +185,7 @@ def resumable_checkpoint() -> str | None:
         best = read_json(checkpoint / "trainer_state.json").get("best_model_checkpoint")
         if best and Path(best).name not in complete:
             # The Trainer would drop a missing best checkpoint but keep its best_metric: no later epoch could replace it.
-            passed.append(f"{checkpoint.name}'s best checkpoint {Path(best).name} is gone")
+            passed.append(f"{checkpoint.name}'s best checkpoint {Path(best).name} is missing or incomplete")
             continue
         for other in checkpoints:
             if other.name not in complete or checkpoint_step(other) > checkpoint_step(checkpoint):
