@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.finetune import is_complete
 from tests.conftest import ROOT
 from tests.test_pipeline import ALWAYS, STAGES, assert_same_weights, dvc, make_repo, ran_stages, run
 
@@ -69,16 +70,17 @@ def test_a_killed_finetune_resumes_from_its_newest_complete_checkpoint(reference
     assert resumed_from(output) == (
         "finetune: checkpoint-21 is incomplete (killed while it was written or deleted), resuming from models/checkpoints/checkpoint-14"
     )
-    # while the Trainer's rotation deleted checkpoint-7 (the 1st rmtree removed the incomplete checkpoint-21):
-    # checkpoint-21 is complete, though no on_save came after it, checkpoint-7 half deleted
+    # while the Trainer's rotation deleted checkpoint-7 or -14, whichever is not the best (the 1st rmtree removed
+    # the incomplete checkpoint-21): checkpoint-21 is complete, though no on_save came after it
     output = repro_killed(repo, "finetune", "shutil:rmtree", 2, "one-file")
     assert "checkpoint-21 is incomplete" in resumed_from(output)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-14", "checkpoint-21", "checkpoint-7"]
+    assert [is_complete(checkpoints / f"checkpoint-{step}") for step in (7, 14, 21)].count(False) == 1
 
     # the next run resumes from checkpoint-21 and finishes; killed in export while it wrote the exported weights
     output = repro_killed(repo, "export", "safetensors.torch:save_file", 1, "half", "--no-run-cache")
     assert resumed_from(output) == "finetune: resuming from models/checkpoints/checkpoint-21"
-    assert not (checkpoints / "checkpoint-7").exists()
+    assert all(is_complete(checkpoint) for checkpoint in checkpoints.glob("checkpoint-*"))
     # the Trainer's best checkpoint survived every kill, and is the one kept
     state = json.loads((checkpoints / "checkpoint-28/trainer_state.json").read_text())
     assert_same_weights(repo / "models/finetuned", repo / state["best_model_checkpoint"])
