@@ -3,7 +3,7 @@
 A fresh head sized to the data's classes replaces the pretrained one.
 - train.mode=full: the transformers Trainer trains every weight, evaluates on the validation share
   and checkpoints every epoch, keeps the best epoch by validation accuracy, and, when the stage is
-  re-run after an interruption with the same inputs, resumes from the last checkpoint.
+  re-run after an interruption with the same inputs, resumes from the newest complete checkpoint.
 - train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
   features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
 Either way the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
@@ -17,12 +17,14 @@ import math
 import shutil
 import sys
 import time
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError, safe_open
 from torch.nn import functional as F
 from transformers import (
     AutoImageProcessor,
@@ -34,7 +36,6 @@ from transformers import (
     get_cosine_schedule_with_warmup,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from stages import figures, tracking
 from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
@@ -132,13 +133,76 @@ def inputs_fingerprint(params: Params, device: str, precision: str) -> dict:
     }
 
 
+# Every file the Trainer writes into a checkpoint (bf16 and fp32 need no scaler.pt). A kill -9 while it
+# wrote one, or while its rotation deleted an old checkpoint, leaves some of them missing or cut short.
+CHECKPOINT_FILES = (
+    "config.json", "model.safetensors", "preprocessor_config.json", "training_args.bin",
+    "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+)
+
+
+def read_json(path: Path):
+    """The file's JSON, or None when it is missing or cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Every file is there and readable to its end. The files themselves are checked rather than a marker
+    written last (a callback's on_save): the Trainer's rotation runs before on_save, so a kill while it deletes an
+    old checkpoint would leave the newest, complete one unmarked and the half-deleted one still marked."""
+    try:
+        for name in CHECKPOINT_FILES:
+            path = checkpoint / name
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):  # fails unless the file is as long as its header says
+                    pass
+            else:
+                zipfile.ZipFile(path).close()  # torch.save writes a zip archive, whose directory comes last
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError):
+        return False
+    return True
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def resumable_checkpoint() -> str | None:
+    """The newest complete checkpoint whose best checkpoint is complete too, or None. Incomplete ones and any
+    newer than it are removed, so that the Trainer's rotation and best_model_checkpoint never count them."""
+    checkpoints = sorted((p for p in CHECKPOINT_DIR.glob("checkpoint-*") if p.name[11:].isdigit()), key=checkpoint_step, reverse=True)
+    complete = {p.name for p in checkpoints if is_complete(p)}
+    passed = []  # why each newer checkpoint cannot be resumed from
+    for checkpoint in checkpoints:
+        if checkpoint.name not in complete:
+            passed.append(f"{checkpoint.name} is incomplete (killed while it was written or deleted)")
+            continue
+        best = read_json(checkpoint / "trainer_state.json").get("best_model_checkpoint")
+        if best and Path(best).name not in complete:
+            # The Trainer would drop a missing best checkpoint but keep its best_metric: no later epoch could replace it.
+            passed.append(f"{checkpoint.name}'s best checkpoint {Path(best).name} is missing or incomplete")
+            continue
+        for other in checkpoints:
+            if other.name not in complete or checkpoint_step(other) > checkpoint_step(checkpoint):
+                shutil.rmtree(other)
+        print(f"finetune: {''.join(reason + ', ' for reason in passed)}resuming from {checkpoint}")
+        return str(checkpoint)
+    if passed:
+        print(f"finetune: {', '.join(passed)}, starting over")
+    return None
+
+
 def prepare_checkpoints(fingerprint: dict) -> str | None:
     """The checkpoint to resume from, or None after clearing checkpoints made from other inputs."""
-    if FINGERPRINT_FILE.exists() and json.loads(FINGERPRINT_FILE.read_text()) == fingerprint:
-        last = get_last_checkpoint(str(CHECKPOINT_DIR))
-        if last:
-            print(f"finetune: resuming from {last}")
-            return last
+    if read_json(FINGERPRINT_FILE) == fingerprint:
+        resume = resumable_checkpoint()
+        if resume:
+            return resume
     if CHECKPOINT_DIR.exists():
         shutil.rmtree(CHECKPOINT_DIR)
     CHECKPOINT_DIR.mkdir(parents=True)

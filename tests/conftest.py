@@ -56,6 +56,12 @@ def small_archives(small_tree, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def dvc_cache(tmp_path_factory) -> Path:
+    """One DVC cache for all test repos: its run-cache lets later repos skip the identical download."""
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny ViT with a 1,000-class head saved by save_pretrained: the path google/vit-base-patch16-224 takes."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil

@@ -2,8 +2,10 @@
 any model is written: the tiny ViT on the small tree, in head mode and in full mode."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,3 +62,44 @@ def test_a_finite_loss_trains_as_before(processed, tmp_path, monkeypatch):
         features.main()
     finetune.main()
     assert (FINETUNED_DIR / "config.json").exists() and yaml.safe_load(finetune.METRICS_FILE.read_text())["best_epoch"] in (1, 2)
+
+
+def fake_checkpoint(step: int, best: int | None) -> Path:
+    """A checkpoint folder with every file the Trainer writes, readable to its end."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = finetune.CHECKPOINT_DIR / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in finetune.CHECKPOINT_FILES:
+        if name.endswith(".json"):
+            state = {"best_model_checkpoint": best and str(finetune.CHECKPOINT_DIR / f"checkpoint-{best}")}
+            (path / name).write_text(json.dumps(state))
+        elif name.endswith(".safetensors"):
+            save_file({"weight": torch.zeros(4)}, path / name)
+        else:
+            torch.save({"step": step}, path / name)
+    return path
+
+
+def test_resumes_from_the_newest_complete_checkpoint_whose_best_checkpoint_is_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoint(7, best=7)
+    fake_checkpoint(14, best=7)
+    fake_checkpoint(21, best=21)
+    assert finetune.resumable_checkpoint() == "models/checkpoints/checkpoint-21"
+    assert capsys.readouterr().out == "finetune: resuming from models/checkpoints/checkpoint-21\n"
+
+    optimizer = finetune.CHECKPOINT_DIR / "checkpoint-21/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # killed while it was written
+    fake_checkpoint(28, best=21)
+    assert finetune.resumable_checkpoint() == "models/checkpoints/checkpoint-14"
+    assert capsys.readouterr().out == (
+        "finetune: checkpoint-28's best checkpoint checkpoint-21 is missing or incomplete, "
+        "checkpoint-21 is incomplete (killed while it was written or deleted), resuming from models/checkpoints/checkpoint-14\n"
+    )
+    assert sorted(p.name for p in finetune.CHECKPOINT_DIR.iterdir()) == ["checkpoint-14", "checkpoint-7"]
+
+    (finetune.CHECKPOINT_DIR / "checkpoint-7/config.json").unlink()  # killed while the Trainer's rotation deleted it
+    assert finetune.resumable_checkpoint() is None
+    assert capsys.readouterr().out.endswith("checkpoint-7 is incomplete (killed while it was written or deleted), starting over\n")

@@ -33,9 +33,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SECRET = "hf_not-a-real-token-0123456789"  # set in the pipeline's environment: must not reach MLflow
 
 
-def run(cmd: list[str], repo: Path, env: dict[str, str] | None = None, status: int = 0) -> str:
+def run(cmd: list[str], repo: Path, env: dict[str, str] | None = None, status: int = 0, **popen) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    done = subprocess.run(cmd, cwd=repo, env=clean | (env or {}), capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, cwd=repo, env=clean | (env or {}), capture_output=True, text=True, check=False, **popen)
     output = done.stdout + done.stderr
     assert done.returncode == status, f"{' '.join(cmd)} exited {done.returncode}:\n{output[-4000:]}"
     return output
@@ -43,13 +43,6 @@ def run(cmd: list[str], repo: Path, env: dict[str, str] | None = None, status: i
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w@]+)'", output))
-
-
-
-@pytest.fixture(scope="session")
-def dvc_cache(tmp_path_factory) -> Path:
-    """One DVC cache for all test repos: its run-cache lets later repos skip the identical download."""
-    return tmp_path_factory.mktemp("dvc-cache")
 
 
 def make_repo(path: Path, dvc_cache: Path, **values) -> Path:
