@@ -181,11 +181,11 @@ def digests(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(small_tree, tiny_vit, tmp_path_factory) -> Path:
+def finished(small_tree, tiny_vit, dvc_cache, tmp_path_factory) -> Path:
     """A project whose pipeline ran to the end: every case must leave its outputs as they are."""
     SMALL["tree"] = small_tree
     project = make_repo(
-        tmp_path_factory.mktemp("bad-inputs") / "project", tmp_path_factory.mktemp("bad-inputs-cache"),
+        tmp_path_factory.mktemp("bad-inputs") / "project", dvc_cache,
         data__source=str(small_tree), model__name=str(tiny_vit), fraction=1.0, data__test_fraction=1.0,
         train__mode="head", train__epochs=2, train__lr=1e-3, train__precision="fp32", export__check_images=18,
     )
