@@ -45,9 +45,10 @@ def resumed_from(output: str) -> str:
 def reference(small_tree, tiny_vit, dvc_cache, tmp_path_factory) -> Path:
     """An uninterrupted finetune, evaluate and export, after a `dvc repro` killed while download wrote its files."""
     repo = make_repo(tmp_path_factory.mktemp("reference"), dvc_cache, data__source=str(small_tree), model__name=str(tiny_vit), **PARAMS)
-    repro_killed(repo, "download", "datasets:Dataset.to_parquet", 2, "half")  # train.parquet written, test.parquet half
+    # --no-run-cache: other tests' repos share the cache, and download must run here, not be restored
+    repro_killed(repo, "download", "datasets:Dataset.to_parquet", 2, "half", "--no-run-cache")  # train.parquet written, test.parquet half
     assert (repo / "data/raw/test.parquet").exists() and not (repo / "data/raw/classes.json").exists()
-    assert ran_stages(dvc(repo, "repro")) == STAGES
+    assert ran_stages(dvc(repo, "repro", "--no-run-cache")) == STAGES
     return repo
 
 
