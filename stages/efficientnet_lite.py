@@ -15,6 +15,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel, ViTImageProcessorPil
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from stages.modelfolder import EMBEDDED_MODEL_TYPE
+
 NAME = "efficientnet-lite0"
 # The TensorFlow Lite models take pixels as (x - 127) / 128.
 LITE_MEAN = [127.0 / 255] * 3
@@ -23,7 +25,7 @@ LITE0_RESOLUTION = 224
 
 
 class EfficientNetLiteConfig(PretrainedConfig):
-    model_type = "efficientnet_lite"
+    model_type = EMBEDDED_MODEL_TYPE
 
     def __init__(self, variant: str = NAME, dropout_rate: float = 0.2, **kwargs):
         self.variant = variant

@@ -22,6 +22,7 @@ from pathlib import Path
 from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT
 from stages.errors import PipelineError, run_stage
 from stages.hub import ARCHIVE_SUFFIXES, local_path, looks_like_hub_id, missing_path, not_an_archive
+from stages.modelfolder import check_local_model
 from stages.params import EMBEDDED_MODEL, load_params
 
 HASH_CACHE = Path(".dvc/tmp/input-hashes.json")  # path -> (size, mtime, inode, sha256), as DVC's own state db
@@ -74,8 +75,6 @@ def check_local(key: str, name: str, path: Path, changed: bool) -> None:
     if key == "model.name" and not path.is_dir():
         raise PipelineError(f"model.name={name!r} is a file; give the directory save_pretrained wrote")
     if key == "model.name" and changed:
-        from stages.modeling import check_local_model  # imports torch and transformers: only for a folder not seen before
-
         check_local_model(path, name)
 
 

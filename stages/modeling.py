@@ -8,7 +8,6 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,7 @@ from stages import efficientnet_lite
 from stages.errors import PipelineError
 from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
+from stages.modelfolder import check_local_model
 
 OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
 
@@ -38,38 +38,6 @@ def check_model_name(name: str) -> None:
         raise missing_path("model.name", name, "directory")
     if not _in_local_cache(name):
         check_on_hub(name, "model", "model.name", OFFLINE_HINT)
-
-
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def image_model_types() -> set[str]:
-    """The `model_type`s AutoModelForImageClassification builds: transformers' own and the embedded EfficientNet-Lite."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    return set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) | {efficientnet_lite.EfficientNetLiteConfig.model_type}
-
-
-def check_local_model(path: Path, name: str) -> None:
-    """A save_pretrained folder of an image classifier, with its weights: else one line, before
-    transformers' long errors ("Unrecognized configuration class ...", "no file named ...")."""
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise PipelineError(f"model.name={name!r} is a folder without config.json; give a directory written by save_pretrained")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
-        raise PipelineError(f"model.name={name!r}: {config_file} is not a JSON object ({err}); re-save the model with save_pretrained") from None
-    if model_type not in image_model_types():
-        raise PipelineError(
-            f"model.name={name!r} is not an image-classification model (model_type {model_type}); "
-            f"give an image model (ViT, ConvNeXt, ResNet, ... saved with save_pretrained) or {efficientnet_lite.NAME}"
-        )
-    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
-        raise PipelineError(
-            f"model.name={name!r}: the folder has config.json but no weights (model.safetensors or pytorch_model.bin); "
-            "save the whole model there with save_pretrained"
-        )
 
 
 def _in_local_cache(repo_id: str) -> bool:
