@@ -48,6 +48,14 @@ EVAL_FILE = Path("metrics/eval.json")
 EXPORT_DIR = Path("models/export")
 
 
+def read_json(path: Path):
+    """The file's JSON, or None when it is missing or cut short (a run killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def probability_column(label: str) -> str:
     """The column of metrics/test_predictions.csv holding each image's evaluated probability of `label`."""
     return f"prob_{label}"

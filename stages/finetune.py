@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from stages import figures, tracking
-from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path
+from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path, read_json
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained
@@ -141,14 +141,6 @@ CHECKPOINT_FILES = (
 )
 
 
-def read_json(path: Path):
-    """The file's JSON, or None when it is missing or cut short."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def is_complete(checkpoint: Path) -> bool:
     """Every file is there and readable to its end. The files themselves are checked rather than a marker
     written last (a callback's on_save): the Trainer's rotation runs before on_save, so a kill while it deletes an
@@ -175,7 +167,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 def resumable_checkpoint() -> str | None:
     """The newest complete checkpoint whose best checkpoint is complete too, or None. Incomplete ones and any
     newer than it are removed, so that the Trainer's rotation and best_model_checkpoint never count them."""
-    checkpoints = sorted((p for p in CHECKPOINT_DIR.glob("checkpoint-*") if p.name[11:].isdigit()), key=checkpoint_step, reverse=True)
+    checkpoints = sorted((p for p in CHECKPOINT_DIR.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()), key=checkpoint_step, reverse=True)
     complete = {p.name for p in checkpoints if is_complete(p)}
     passed = []  # why each newer checkpoint cannot be resumed from
     for checkpoint in checkpoints:

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT
+from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hub import ARCHIVE_SUFFIXES, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.modelfolder import check_local_model
@@ -78,7 +78,7 @@ def check_local(key: str, name: str, path: Path, changed: bool) -> None:
         check_local_model(path, name)
 
 
-def describe(key: str, name: str, cache: _HashCache, previous: dict) -> dict[str, str]:
+def describe(key: str, name: str, cache: _HashCache, previous: dict | None) -> dict[str, str]:
     """What a parameter names: a local path with its content digest, an embedded model, or a Hub id."""
     path = local_path(name)
     if path.exists():
@@ -95,19 +95,11 @@ def describe(key: str, name: str, cache: _HashCache, previous: dict) -> dict[str
     raise missing_path(key, name, "file or folder")
 
 
-def recorded(path: Path) -> dict:
-    """What the last run wrote, if anything."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def main() -> None:
     params = load_params()
     cache = _HashCache(HASH_CACHE)
     described = {
-        path: describe(key, name, cache, previous=recorded(path))
+        path: describe(key, name, cache, previous=read_json(path))
         for path, key, name in ((SOURCE_INPUT, "data.source", params.data.source), (MODEL_INPUT, "model.name", params.model.name))
     }
     cache.save()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import set_params
 from tests.test_pipeline import dvc, make_repo, status_stages
@@ -40,10 +41,15 @@ class Case:
     env: dict = field(default_factory=dict)
 
 
-def tree(project: Path, name: str, small_tree: Path) -> Path:
+def clean_source(project: Path) -> Path:
+    """The finished project's data: the 3-class folder."""
+    return Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
+
+
+def tree(project: Path, name: str) -> Path:
     """A copy of the 3-class folder under the project, to be spoilt by a case."""
     path = project / "bad" / name
-    shutil.copytree(small_tree, path)
+    shutil.copytree(clean_source(project), path)
     return path
 
 
@@ -79,12 +85,9 @@ def model_folder(project: Path, name: str, config: dict | None, weights: bool) -
     return path
 
 
-SMALL: dict[str, Path] = {}  # the 3-class folder, set by the fixture (cases are built at import time)
-
-
 def spoilt(name: str, spoil: Callable[[Path], None]) -> Callable[[Path], Path]:
     def make(project: Path) -> Path:
-        path = tree(project, name, SMALL["tree"])
+        path = tree(project, name)
         spoil(path)
         return path
 
@@ -95,7 +98,7 @@ def truncated_archive(project: Path) -> Path:
     path = project / "bad" / "truncated.tgz"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as archive:
-        archive.add(SMALL["tree"], arcname="data")
+        archive.add(clean_source(project), arcname="data")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return path
 
@@ -183,7 +186,6 @@ def digests(project: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished(small_tree, tiny_vit, dvc_cache, tmp_path_factory) -> Path:
     """A project whose pipeline ran to the end: every case must leave its outputs as they are."""
-    SMALL["tree"] = small_tree
     project = make_repo(
         tmp_path_factory.mktemp("bad-inputs") / "project", dvc_cache,
         data__source=str(small_tree), model__name=str(tiny_vit), fraction=1.0, data__test_fraction=1.0,
