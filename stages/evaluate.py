@@ -1,11 +1,14 @@
-"""Stage 4: test accuracy with its 95% interval, per-class precision/recall/F1, confusion matrix.
+"""Stage 4: test accuracy with its 95% interval, per-class precision/recall/F1, confusion matrix, calibration.
 
-Writes metrics/eval.json (accuracy 0-1 and the number of test images), metrics/eval_speed.json
+Writes metrics/eval.json (accuracy 0-1, the number of test images, and how far the class
+probabilities can be trusted: `ece`, `nll`, `brier` with finetune's temperature folded in, the
+`temperature` and `ece_at_temperature_1`, as the model was before), metrics/eval_speed.json
 (images per second, apart: it differs run to run), metrics/eval_per_class.csv,
 metrics/test_predictions.csv (one row per test image: raw index, actual and predicted label, the
 predicted label's probability and every class's probability `prob_<class>`; the DVC confusion
 plot and the export check read it), metrics/confusion_matrix.png and metrics/misclassified.png (the most confidently wrong
-test images with their true and predicted labels).
+test images with their true and predicted labels), metrics/reliability.png (accuracy against confidence,
+before and after temperature scaling).
 """
 from __future__ import annotations
 
@@ -17,14 +20,15 @@ import pandas as pd
 import torch
 from scipy.stats import binomtest
 from sklearn.metrics import classification_report
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import figures, tracking
-from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_features, load_split, probability_column
+from stages.calibration import CONFIG_KEY, calibration, expected_calibration_error, reliability_bins
+from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_split, probability_column
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, classifier_head, forward_batches
+from stages.modeling import split_logits
 from stages.params import Params, load_params
 
 METRICS_FILE = EVAL_FILE
@@ -32,30 +36,22 @@ SPEED_FILE = Path("metrics/eval_speed.json")  # apart, so that eval.json of a de
 PER_CLASS_FILE = Path("metrics/eval_per_class.csv")
 CONFUSION_PNG = Path("metrics/confusion_matrix.png")
 MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
+RELIABILITY_PNG = Path("metrics/reliability.png")
 
 
-@torch.inference_mode()
-def probabilities(split: TensorSplit, params: Params) -> torch.Tensor:
-    """Softmax probabilities N×classes of every image of `split` by models/finetuned.
-
-    With train.mode=head the backbone is the pretrained one the features stage ran, so the head
-    is applied to the cached features instead of running the backbone again.
-    """
+def logits_on(test: TensorSplit, params: Params) -> torch.Tensor:
+    """Logits N×classes of every test image by models/finetuned."""
     model = AutoModelForImageClassification.from_pretrained(FINETUNED_DIR)
-    if params.train.mode == "head":
-        cached = load_features("test", split.labels)
-        logits = classifier_head(model, params.model.name).eval()(cached["features"])
-    else:
-        device, precision = pick_device_and_precision(params.train.precision)
-        transform = PixelTransform(AutoImageProcessor.from_pretrained(FINETUNED_DIR))
-        logits = torch.cat([batch.cpu() for batch in forward_batches(model, transform, split.pixels, params.evaluate.batch_size, device, precision, "evaluate")])
-    return logits.float().softmax(-1)
+    processor = AutoImageProcessor.from_pretrained(FINETUNED_DIR)
+    return split_logits(model, processor, "test", test, params, params.evaluate.batch_size)
 
 
-def predict(split: TensorSplit, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, its softmax probability) for every image of `split` by models/finetuned."""
-    confidence, pred = probabilities(split, params).max(-1)
-    return pred, confidence
+def folded_temperature() -> float:
+    """The temperature finetune folded into models/finetuned's classifier."""
+    temperature = getattr(AutoConfig.from_pretrained(FINETUNED_DIR), CONFIG_KEY, None)
+    if temperature is None:
+        raise PipelineError(f"{FINETUNED_DIR} was not calibrated by this version of finetune; re-run it (dvc repro -f finetune)")
+    return float(temperature)
 
 
 def main() -> None:
@@ -64,9 +60,13 @@ def main() -> None:
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
     test = load_split("test")
     started = time.perf_counter()
-    probs = probabilities(test, params)
-    confidences, preds = probs.max(-1)
+    logits = logits_on(test, params)
     seconds = time.perf_counter() - started
+    temperature = folded_temperature()
+    probs = logits.softmax(-1)
+    unscaled = (logits * temperature).softmax(-1).numpy()  # as the model was before finetune folded the temperature in
+    confidences, preds = probs.max(-1)
+    labels = test.labels.numpy()
 
     correct = int((preds == test.labels).sum())
     n = len(test)
@@ -81,6 +81,8 @@ def main() -> None:
         "test_images": n,
         "macro_f1": report["macro avg"]["f1-score"],
     }
+    metrics |= calibration(probs.numpy(), labels).as_dict()
+    metrics |= {"temperature": temperature, "ece_at_temperature_1": expected_calibration_error(unscaled, labels)}
     speed = {"eval_images_per_second": round(n / seconds, 2)}
     # The precision the test logits were computed in (here, or by the features stage in head mode).
     precision = pick_device_and_precision(params.train.precision)[1]
@@ -96,11 +98,15 @@ def main() -> None:
     )
     figures.save(figures.confusion(actual, predicted, test.classes), CONFUSION_PNG)
     figures.save(figures.most_confidently_wrong(test.pixels, actual, predicted, confidences), MISCLASSIFIED_PNG)
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f} (95% CI {interval.low:.4f}-{interval.high:.4f}) on {n} test images")
+    figures.save(figures.reliability(reliability_bins(unscaled, labels), reliability_bins(probs.numpy(), labels), temperature), RELIABILITY_PNG)
+    print(
+        f"evaluate: accuracy {metrics['accuracy']:.4f} (95% CI {interval.low:.4f}-{interval.high:.4f}) on {n} test images; "
+        f"ECE {metrics['ece']:.4f} at temperature {temperature:.3f} ({metrics['ece_at_temperature_1']:.4f} at 1)"
+    )
 
     tracking.log_metrics({"test_" + k.removeprefix("test_"): v for k, v in (metrics | speed).items()})
     tracking.log_metrics({f"test_f1.{row['class']}": row["f1-score"] for row in per_class.to_dict("records")})
-    for path in (CONFUSION_PNG, MISCLASSIFIED_PNG, PER_CLASS_FILE):
+    for path in (CONFUSION_PNG, MISCLASSIFIED_PNG, RELIABILITY_PNG, PER_CLASS_FILE):
         tracking.log_artifact(path)
 
 

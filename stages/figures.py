@@ -60,3 +60,20 @@ def most_confidently_wrong(pixels: torch.Tensor, actual: list[str], predicted: l
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def reliability(before: list[dict], after: list[dict], temperature: float) -> Figure:
+    """Reliability diagram: accuracy against confidence per bin (stages/calibration.py), before and after
+    temperature scaling; a calibrated model lies on the diagonal. Marker areas follow the bins' image counts."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    for bins, label, color in ((before, "temperature 1", "tab:red"), (after, f"temperature {temperature:.2f}", "tab:blue")):
+        used = [b for b in bins if b["images"]]
+        total = sum(b["images"] for b in used)
+        confidence, accuracy = [b["confidence"] for b in used], [b["accuracy"] for b in used]
+        ax.plot(confidence, accuracy, "-", color=color, alpha=0.6)
+        ax.scatter(confidence, accuracy, s=[4 + 400 * b["images"] / total for b in used], color=color, label=label)
+    ax.set(title="Reliability on the test split", xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig

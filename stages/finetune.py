@@ -6,7 +6,8 @@ A fresh head sized to the data's classes replaces the pretrained one.
   re-run after an interruption with the same inputs, resumes from the newest complete checkpoint.
 - train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
   features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
-Either way the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
+Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
+and the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ from transformers import (
 )
 
 from stages import figures, tracking
+from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
 from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path, read_json
 from stages.errors import PipelineError
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained
+from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, split_logits
 from stages.params import Params, load_params
 
 CHECKPOINT_DIR = Path("models/checkpoints")
@@ -227,6 +229,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
     collate = Collate(PixelTransform(processor))
     check_forward(model, collate, train, params)
+    classifier_head(model, params.model.name)  # the head calibrate() scales: fail now, not after training
 
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
@@ -307,6 +310,15 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
     return model, processor, pd.DataFrame(rows), n * epochs / seconds
 
 
+def calibrate(model: PreTrainedModel, processor: object, val: TensorSplit, params: Params) -> float:
+    """Fit the temperature on the validation split and fold it into the classifier (stages/calibration.py):
+    the saved model's probabilities come out calibrated, its predictions unchanged."""
+    temperature = fit_temperature(split_logits(model, processor, "val", val, params, params.train.batch_size), val.labels)
+    fold_temperature(classifier_head(model, params.model.name), temperature)
+    setattr(model.config, CONFIG_KEY, temperature)  # saved in config.json: what evaluate undoes to report the raw calibration
+    return temperature
+
+
 NEAR_CHANCE = 0.05  # validation accuracy this close to 1/classes means the model learned next to nothing
 
 
@@ -334,6 +346,7 @@ def main() -> None:
     else:
         model, processor, epochs, images_per_second = train_full(params, train, val, device, precision, resume)
     seconds = time.perf_counter() - started
+    temperature = calibrate(model, processor, val, params)
 
     if FINETUNED_DIR.exists():
         shutil.rmtree(FINETUNED_DIR)
@@ -345,6 +358,7 @@ def main() -> None:
         "best_val_accuracy": float(best["val_accuracy"]),
         "train_images": len(train),
         "val_images": len(val),
+        "temperature": temperature,  # fitted on the validation split, folded into the classifier
     }
     speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images_per_second, 2)}
     # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
@@ -354,7 +368,7 @@ def main() -> None:
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
-    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision} -> {FINETUNED_DIR}/")
+    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision}, temperature {temperature:.3f} -> {FINETUNED_DIR}/")
     warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
 
     tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(provenance["base_model_revision"])})

@@ -18,11 +18,13 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 from stages import efficientnet_lite
+from stages.dataformat import TensorSplit, load_features
 from stages.errors import PipelineError
+from stages.hardware import pick_device_and_precision
 from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
 from stages.modelfolder import check_local_model
-from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS
+from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS, Params
 
 OFFLINE_HINT = f"use model.name={EMBEDDED_CHOICES} or a local directory saved with save_pretrained"
 
@@ -111,7 +113,10 @@ def classifier_head(model: PreTrainedModel, name: str) -> torch.nn.Module:
     """The module that turns pooled features into logits (`classifier` in transformers' image models)."""
     head = getattr(model, "classifier", None)
     if not isinstance(head, torch.nn.Module):
-        raise PipelineError(f"train.mode=head needs a model with a `classifier` head; {name!r} ({type(model).__name__}) has none: use train.mode=full")
+        raise PipelineError(
+            f"model.name={name!r} ({type(model).__name__}) has no `classifier` head, which the pipeline trains and calibrates; "
+            "use an image-classification model whose head is named `classifier` (ViT, ConvNeXt, ResNet, Swin, ...)"
+        )
     return head
 
 
@@ -126,3 +131,18 @@ def forward_batches(
         batch = transform(pixels[start : start + batch_size].to(device))
         with autocast:
             yield model(pixel_values=batch).logits.float()
+
+
+@torch.inference_mode()
+def split_logits(model: PreTrainedModel, processor: object, split_name: str, split: TensorSplit, params: Params, batch_size: int) -> torch.Tensor:
+    """Float32 logits N×classes of every image of a processed split.
+
+    With train.mode=head the backbone is the pretrained one the features stage ran, so the head is
+    applied to the cached features instead of running the backbone again.
+    """
+    if params.train.mode == "head":
+        cached = load_features(split_name, split.labels)
+        return classifier_head(model, params.model.name).eval()(cached["features"]).float()
+    device, precision = pick_device_and_precision(params.train.precision)
+    batches = forward_batches(model, PixelTransform(processor), split.pixels, batch_size, device, precision, split_name)
+    return torch.cat([batch.cpu() for batch in batches])

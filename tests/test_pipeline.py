@@ -355,12 +355,12 @@ def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache,
 
     # evaluate applied the head to cached features: the whole model on the test pixels agrees
     from stages.dataformat import load_split
-    from stages.evaluate import predict
+    from stages.evaluate import logits_on
     from stages.params import load_params
 
     monkeypatch.chdir(repo)  # the stages read params.yaml and data/ relative to the project
     params = dataclasses.replace(load_params(), train=dataclasses.replace(load_params().train, mode="full"))
-    whole_model, _ = predict(load_split("test"), params)
+    whole_model = logits_on(load_split("test"), params).argmax(-1)
     evaluated = pd.read_csv(repo / "metrics/test_predictions.csv")["predicted"]
     assert [load_split("test").classes[i] for i in whole_model.tolist()] == list(evaluated)
 

@@ -10,6 +10,7 @@ the whole pipeline in about a minute. Instead of DVC (which the slow tests run),
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,6 +116,43 @@ def test_the_run_is_failed_when_a_stage_fails(project):
         assert not (project / "out" / "finetune.rc").exists()  # DVC stops at the failed stage, and so does the script
     finally:
         set_params(project, fraction=1.0)
+
+
+def test_the_model_is_calibrated_on_validation_and_predicts_as_before(project, monkeypatch):
+    """finetune folds the validation temperature into the classifier; evaluate reports the calibration with it
+    and without it; undoing the fold gives back the same predicted labels and the uncalibrated ECE."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from stages.calibration import CONFIG_KEY, expected_calibration_error
+    from stages.dataformat import load_split
+    from stages.modeling import PixelTransform
+    from stages.params import load_params
+    from stages.evaluate import logits_on
+
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    temperature = json.loads((project / "metrics/finetune.json").read_text())["temperature"]
+    assert evaluation["temperature"] == temperature > 0
+    assert json.loads((project / "models/export/config.json").read_text())[CONFIG_KEY] == temperature
+    assert 0 <= evaluation["ece"] <= 1 and evaluation["nll"] > 0 and 0 <= evaluation["brier"] <= 2
+    assert (project / "metrics/reliability.png").stat().st_size > 10_000
+
+    monkeypatch.chdir(project)
+    test = load_split("test")
+    folded = logits_on(test, load_params())
+    model = AutoModelForImageClassification.from_pretrained("models/finetuned").eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(temperature)
+        model.classifier.bias.mul_(temperature)
+        unscaled = model(pixel_values=PixelTransform(json.loads(Path("models/finetuned/preprocessor_config.json").read_text()))(test.pixels)).logits
+    torch.testing.assert_close(unscaled, folded * temperature, atol=1e-4, rtol=1e-4)
+    predicted = pd.read_csv("metrics/test_predictions.csv")["predicted"]
+    assert [test.classes[i] for i in unscaled.argmax(-1).tolist()] == list(predicted)
+    ece = expected_calibration_error(unscaled.softmax(-1).numpy(), test.labels.numpy())
+    assert ece == pytest.approx(evaluation["ece_at_temperature_1"], abs=1e-4)
+    assert not np.isclose(evaluation["ece"], evaluation["ece_at_temperature_1"])  # the temperature did something
 
 
 @pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.tracking"])
