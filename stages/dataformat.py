@@ -6,7 +6,7 @@ data/raw/        whole dataset as received: `<split>.parquet` (encoded image byt
                  integer label; Hugging Face `Image`/`ClassLabel` features) and `classes.json`.
 data/processed/  the drawn shares as safetensors: `pixels` uint8 N×3×H×W, `labels` int64, and
                  `index` int64 (the row in the raw split, so later stages can find the original file).
-data/features/   `<split>.safetensors`, with train.mode=head: the frozen backbone's pooled features
+data/features/   `<split>.safetensors`, with train.mode=head (head-then-full: train, val): the frozen backbone's pooled features
                  of each processed split (`features` float32 N×D, `labels`; train also `flipped`,
                  the features of its mirrored images); metadata says which model and mode made them.
 models/finetuned/  the fine-tuned model and its image processor (save_pretrained).
@@ -192,7 +192,7 @@ def load_features(split: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     path = features_path(split)
     tensors = load_file(str(path)) if path.exists() else {}
     if "features" not in tensors:
-        raise PipelineError(f"{path} holds no features; with train.mode=head run the features stage first (dvc repro features)")
+        raise PipelineError(f"{path} holds no features; with train.mode=head or head-then-full run the features stage first (dvc repro features)")
     if not torch.equal(tensors["labels"], labels):
         raise PipelineError(f"{path} was computed from other data; re-run the features stage (dvc repro features)")
     return tensors

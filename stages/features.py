@@ -1,11 +1,12 @@
-"""Stage 3: with train.mode=head, the frozen backbone's pooled features of one processed split.
+"""Stage 3: the frozen backbone's pooled features of one processed split, for the modes that train a head on them.
 
 Run once per split (`python -m stages.features train|val|test`, a DVC `foreach` stage), so DVC
 caches each split's features by model and data: a learning-rate change re-trains the head in
 seconds, and a new `fraction` or `seed` recomputes train and val but restores the unchanged test
 split's features from the run-cache. The features are what the model's `classifier` receives,
-captured with a hook, so they match the exported model exactly. With train.mode=full the file
-only records that no features are needed.
+captured with a hook, so they match the exported model exactly. train.mode=head needs every split's;
+head-then-full trains its head phase on train and val, and evaluates the whole model. Where no
+features are needed the file only records that.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def pooled_features(model: torch.nn.Module, transform: PixelTransform, pixels: t
     return torch.cat(captured)
 
 
+def features_needed(mode: str, split: str) -> bool:
+    return mode == "head" or (mode == "head-then-full" and split != "test")
+
+
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in PROCESSED_SPLITS:
         raise PipelineError(f"usage: python -m stages.features {{{'|'.join(PROCESSED_SPLITS)}}}")
@@ -45,9 +50,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # One key: safetensors writes several in a random order, and DVC would see a changed file.
     metadata = {"made_by": json.dumps({"mode": params.train.mode, "model": params.model.name, "image_size": params.model.image_size})}
-    if params.train.mode == "full":
+    if not features_needed(params.train.mode, name):
         save_file({}, str(out), metadata=metadata)
-        print(f"features {name}: train.mode=full trains every weight; no features needed")
+        print(f"features {name}: train.mode={params.train.mode} needs no features of the {name} split")
         return
 
     check_model_name(params.model.name)

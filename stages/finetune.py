@@ -6,6 +6,10 @@ A fresh head sized to the data's classes replaces the pretrained one.
   re-run after an interruption with the same inputs, resumes from the newest complete checkpoint.
 - train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
   features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
+- train.mode=head-then-full: head mode first (train.head_lr, train.head_epochs), then full mode from
+  that model (train.lr, train.epochs: a smaller step, fewer epochs), so that a fresh head's large early
+  gradients do not wreck the pretrained features. The trained head counts as epoch 0 of the full phase:
+  it is kept if no later epoch beats it on validation accuracy.
 Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
 and the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from dataclasses import dataclass
 import json
 import math
 import shutil
@@ -99,13 +104,14 @@ def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, 
     model.train()
 
 
-def check_finite_loss(value: float, which: str, epoch: int, params: Params) -> None:
-    """Stop at a non-finite loss (diverged training), naming the learning rate, before anything is written."""
+def check_finite_loss(value: float, which: str, epoch: int, params: Params, phase: str = "") -> None:
+    """Stop at a non-finite loss (diverged training), naming the learning rate, before anything is written.
+    `phase` "head_": the head phase of head-then-full, whose keys are train.head_lr and train.head_epochs."""
     if not math.isfinite(value):
-        lr = params.train.lr
+        lr, epochs, key = getattr(params.train, f"{phase}lr"), getattr(params.train, f"{phase}epochs"), f"train.{phase}lr"
         raise PipelineError(
-            f"train.lr={lr:g}: the {which} loss became {value} in epoch {epoch} of {params.train.epochs} (train.mode={params.train.mode}); "
-            f"training diverged and no model was written: lower train.lr (e.g. {lr / 10:g}) or set train.lr: auto"
+            f"{key}={lr:g}: the {which} loss became {value} in epoch {epoch} of {epochs} (train.mode={params.train.mode}); "
+            f"training diverged and no model was written: lower {key} (e.g. {lr / 10:g}) or set {key}: auto"
         )
 
 
@@ -217,13 +223,23 @@ def epoch_table(log_history: list[dict]) -> pd.DataFrame:
     return table.sort_values("epoch")[["epoch", "train_loss", "val_loss", "val_accuracy"]]
 
 
-def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
-    """Every weight with the Trainer: (best epoch's model, processor, epoch table, training images/s)."""
+@dataclass
+class Trained:
+    model: PreTrainedModel  # the best epoch's, by validation accuracy
+    processor: object
+    epochs: pd.DataFrame  # one row per epoch: epoch, train_loss, val_loss, val_accuracy
+    images_per_second: float  # training throughput
+
+
+def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None, start: Trained | None = None) -> Trained:
+    """Every weight with the Trainer, from the pretrained model with a fresh head, or from `start`."""
     # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
     # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
     # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
     if resume:
         model, processor = AutoModelForImageClassification.from_pretrained(resume), AutoImageProcessor.from_pretrained(resume)
+    elif start:
+        model, processor = start.model, start.processor
     else:
         model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
@@ -267,17 +283,18 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     )
     result = trainer.train(resume_from_checkpoint=resume)
     best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
-    return best, processor, epoch_table(trainer.state.log_history), result.metrics["train_samples_per_second"]
+    return Trained(best, processor, epoch_table(trainer.state.log_history), result.metrics["train_samples_per_second"])
 
 
-def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tuple[PreTrainedModel, object, pd.DataFrame, float]:
-    """Only the classifier, on the cached features, in a plain loop: same outputs as train_full."""
+def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase: str = "") -> Trained:
+    """Only the classifier, on the cached features, in a plain loop: same outputs as train_full.
+    With `phase` "head_" (head-then-full) for train.head_epochs at train.head_lr."""
     model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     head = classifier_head(model, params.model.name)
     data, val = load_features("train", train.labels), load_features("val", val_split.labels)
-    n, batch_size, epochs = len(data["labels"]), params.train.batch_size, params.train.epochs
+    n, batch_size, epochs = len(data["labels"]), params.train.batch_size, getattr(params.train, f"{phase}epochs")
     steps = epochs * math.ceil(n / batch_size)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=getattr(params.train, f"{phase}lr"), weight_decay=params.train.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(params.train.warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(params.seed)
     rows, best_accuracy, best_state = [], -1.0, None
@@ -290,7 +307,7 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             loss = F.cross_entropy(head(features[batch]), data["labels"][batch])
             loss_value = loss.item()
-            check_finite_loss(loss_value, "training", epoch, params)
+            check_finite_loss(loss_value, "training", epoch, params, phase)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -301,13 +318,26 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit) -> tu
             logits = head(val["features"])
         val_accuracy = float((logits.argmax(-1) == val["labels"]).float().mean())
         val_loss = F.cross_entropy(logits, val["labels"]).item()
-        check_finite_loss(val_loss, "validation", epoch, params)
+        check_finite_loss(val_loss, "validation", epoch, params, phase)
         rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": val_loss, "val_accuracy": val_accuracy})
         if val_accuracy > best_accuracy:  # the first best epoch, as the Trainer keeps it
             best_accuracy, best_state = val_accuracy, copy.deepcopy(head.state_dict())
     seconds = time.perf_counter() - started
     head.load_state_dict(best_state)
-    return model, processor, pd.DataFrame(rows), n * epochs / seconds
+    return Trained(model, processor, pd.DataFrame(rows), n * epochs / seconds)
+
+
+def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> Trained:
+    """Head mode with train.head_lr/head_epochs, then full mode from its best epoch; the trained head is epoch 0.
+    The head phase runs on a resume too (seconds, deterministic): epoch 0 and the choice below need it."""
+    head = train_head(params, train, val, phase="head_")
+    head_model = copy.deepcopy(head.model)  # the full phase trains head.model in place
+    full = train_full(params, train, val, device, precision, resume, start=head)
+    best_head = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
+    epoch_0 = pd.DataFrame([{"epoch": 0} | {k: best_head[k] for k in ("train_loss", "val_loss", "val_accuracy")}])
+    epochs = pd.concat([epoch_0, full.epochs], ignore_index=True)
+    model = head_model if epochs["val_accuracy"].idxmax() == 0 else full.model  # the first best epoch, as elsewhere
+    return Trained(model, full.processor, epochs, full.images_per_second)
 
 
 def calibrate(model: PreTrainedModel, processor: object, val: TensorSplit, params: Params) -> float:
@@ -342,10 +372,13 @@ def main() -> None:
     resume = prepare_checkpoints(inputs_fingerprint(params, device, precision))
     started = time.perf_counter()
     if params.train.mode == "head":
-        model, processor, epochs, images_per_second = train_head(params, train, val)
+        trained = train_head(params, train, val)
+    elif params.train.mode == "full":
+        trained = train_full(params, train, val, device, precision, resume)
     else:
-        model, processor, epochs, images_per_second = train_full(params, train, val, device, precision, resume)
+        trained = train_head_then_full(params, train, val, device, precision, resume)
     seconds = time.perf_counter() - started
+    model, processor, epochs = trained.model, trained.processor, trained.epochs
     temperature = calibrate(model, processor, val, params)
 
     if FINETUNED_DIR.exists():
@@ -360,10 +393,12 @@ def main() -> None:
         "val_images": len(val),
         "temperature": temperature,  # fitted on the validation split, folded into the classifier
     }
-    speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images_per_second, 2)}
+    speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(trained.images_per_second, 2)}
     # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
     provenance = {"device": device, "precision": precision, "base_model_revision": base_model_revision(params.model.name)}
     provenance |= {"lr": params.train.lr, "epochs": params.train.epochs}  # as resolved from `auto`
+    if params.train.mode == "head-then-full":
+        provenance |= {"head_lr": params.train.head_lr, "head_epochs": params.train.head_epochs}
     EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")

@@ -47,15 +47,17 @@ class ModelParams:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-MODES = ("full", "head")
+MODES = ("full", "head", "head-then-full")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    mode: str  # full: train every weight; head: train the classifier on cached frozen-backbone features
-    epochs: int
+    mode: str  # full: train every weight; head: train the classifier on cached frozen-backbone features; head-then-full: both, in turn
+    epochs: int  # of the full phase in head-then-full
     batch_size: int
-    lr: float
+    lr: float  # of the full phase in head-then-full
+    head_lr: float  # head-then-full: the head phase's
+    head_epochs: int  # head-then-full: the head phase's
     weight_decay: float
     warmup_ratio: float  # share of the steps spent warming the learning rate up
     augment: bool  # random horizontal flips of training images
@@ -66,6 +68,8 @@ class TrainParams:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1 or auto")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0 or auto")
+        _require(self.head_epochs >= 1, "train.head_epochs", self.head_epochs, "an integer >= 1 or auto")
+        _require(self.head_lr > 0, "train.head_lr", self.head_lr, "a number > 0 or auto")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
         _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
@@ -180,7 +184,9 @@ class Recipe:
     epochs: int
 
 
-# What `train.lr: auto` and `train.epochs: auto` become, by train.mode and kind of model. A fresh head
+# What `train.lr: auto` and `train.epochs: auto` become, by train.mode and kind of model (`train.head_lr`
+# and `train.head_epochs`: head mode's). In head-then-full the full phase starts from a trained head, so
+# it takes a smaller step for fewer epochs than full mode (Kumar et al., ICLR 2022). A fresh head
 # on frozen features needs a far larger step than fine-tuning every weight, and a convolutional
 # network takes a larger one than a transformer. Measured rows: README "Parameters".
 RECIPES = {
@@ -188,8 +194,10 @@ RECIPES = {
     ("head", "transformer"): Recipe(lr=3e-3, epochs=30),
     ("full", "efficientnet-lite"): Recipe(lr=5e-4, epochs=5),
     ("full", "transformer"): Recipe(lr=5e-5, epochs=5),  # the reference ViT-B/16 fine-tuning recipe
+    ("head-then-full", "efficientnet-lite"): Recipe(lr=1e-4, epochs=3),
+    ("head-then-full", "transformer"): Recipe(lr=1e-5, epochs=3),
 }
-AUTO_KEYS = ("lr", "epochs")
+AUTO_KEYS = ("lr", "epochs", "head_lr", "head_epochs")
 
 
 def model_kind(name: str) -> str:
@@ -204,13 +212,15 @@ def model_kind(name: str) -> str:
 
 
 def _resolve_auto(raw: dict) -> dict:
-    """`auto` in train.lr / train.epochs replaced by the recipe for this mode and model."""
+    """`auto` in train.lr / train.epochs (head_lr / head_epochs) replaced by the recipe for this mode (head mode) and model."""
     train, model = raw.get("train"), raw.get("model")
     if not isinstance(train, dict) or not isinstance(model, dict) or not any(train.get(k) == "auto" for k in AUTO_KEYS):
         return raw
     _require(train.get("mode") in MODES, "train.mode", train.get("mode"), f"one of {', '.join(MODES)}")
-    recipe = RECIPES[train["mode"], model_kind(str(model.get("name", "")))]
-    return raw | {"train": train | {k: getattr(recipe, k) for k in AUTO_KEYS if train.get(k) == "auto"}}
+    kind = model_kind(str(model.get("name", "")))
+    recipe, head = RECIPES[train["mode"], kind], RECIPES["head", kind]
+    resolved = {"lr": recipe.lr, "epochs": recipe.epochs, "head_lr": head.lr, "head_epochs": head.epochs}
+    return raw | {"train": train | {k: resolved[k] for k in AUTO_KEYS if train.get(k) == "auto"}}
 
 
 def params_from_dict(raw: dict) -> Params:

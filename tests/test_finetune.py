@@ -103,3 +103,77 @@ def test_resumes_from_the_newest_complete_checkpoint_whose_best_checkpoint_is_th
     (finetune.CHECKPOINT_DIR / "checkpoint-7/config.json").unlink()  # killed while the Trainer's rotation deleted it
     assert finetune.resumable_checkpoint() is None
     assert capsys.readouterr().out.endswith("checkpoint-7 is incomplete (killed while it was written or deleted), starting over\n")
+
+
+def finetuned(processed: Path, project: Path, monkeypatch, **values) -> Path:
+    """A copy of the processed project after the features stage (every split) and finetune with `values`."""
+    shutil.copytree(processed, project)
+    set_params(project, **values)
+    monkeypatch.chdir(project)
+    for split in ("train", "val", "test"):
+        monkeypatch.setattr(sys, "argv", ["features", split])
+        features.main()
+    finetune.main()
+    return project
+
+
+def test_the_full_phase_starts_from_the_trained_head_weight_for_weight(processed, tiny_vit, tmp_path, monkeypatch):
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from stages.calibration import CONFIG_KEY
+
+    head_run = finetuned(processed, tmp_path / "head", monkeypatch, train__mode="head", train__lr=3e-3, train__epochs=3)
+    head = AutoModelForImageClassification.from_pretrained(head_run / FINETUNED_DIR)
+    head_best = yaml.safe_load((head_run / finetune.METRICS_FILE).read_text())["best_val_accuracy"]
+
+    started_from, trained = [], []
+    real_train_full = finetune.train_full
+
+    def spy(*args, **kwargs):  # records the model the full phase starts from and the one it returns
+        started_from.append({k: v.clone() for k, v in kwargs["start"].model.state_dict().items()})
+        trained.append(real_train_full(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(finetune, "train_full", spy)
+    # the full phase's step is too small to move any weight: it must end where it started
+    finetuned(processed, tmp_path / "both", monkeypatch, train__mode="head-then-full", train__head_lr=3e-3, train__head_epochs=3, train__lr=1e-12, train__epochs=1)
+
+    pretrained = AutoModelForImageClassification.from_pretrained(tiny_vit).state_dict()
+    start = started_from[0]
+    # the head phase is head mode (same seed, features, recipe); head mode's saved classifier has its temperature folded in
+    temperature = getattr(head.config, CONFIG_KEY)
+    torch.testing.assert_close(start["classifier.weight"], head.classifier.weight * temperature)
+    torch.testing.assert_close(start["classifier.bias"], head.classifier.bias * temperature)
+    assert all(torch.equal(start[k], pretrained[k]) for k in start if not k.startswith("classifier."))
+    ended = trained[0].model.state_dict()
+    assert all(torch.allclose(ended[k], start[k], atol=1e-6) for k in start)  # the Trainer trained that very model
+    epochs = pd.read_csv(finetune.EPOCHS_FILE)
+    assert list(epochs["epoch"]) == [0, 1] and epochs["val_accuracy"][0] == head_best  # epoch 0: the trained head
+
+
+def test_the_full_phase_of_head_then_full_resumes_from_its_checkpoint(processed, tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    values = {"train__mode": "head-then-full", "train__head_lr": 3e-3, "train__head_epochs": 2, "train__lr": 1e-3, "train__epochs": 2}
+    finetuned(processed, tmp_path / "project", monkeypatch, **values)
+    weights = load_file(FINETUNED_DIR / "model.safetensors")
+    summary = finetune.METRICS_FILE.read_text()
+    checkpoints = sorted(finetune.CHECKPOINT_DIR.glob("checkpoint-*"), key=finetune.checkpoint_step)
+    shutil.rmtree(checkpoints[-1])  # killed before the last epoch's checkpoint was written
+    capsys.readouterr()
+    finetune.main()
+    assert f"resuming from {checkpoints[0]}" in capsys.readouterr().out
+    assert finetune.METRICS_FILE.read_text() == summary
+    resumed = load_file(FINETUNED_DIR / "model.safetensors")
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+    # and it did resume from that checkpoint, not train again from the head phase: a change there shows in the result
+    shutil.rmtree(checkpoints[-1])
+    tampered = load_file(checkpoints[0] / "model.safetensors")
+    tampered["classifier.bias"] += 1.0
+    save_file(tampered, checkpoints[0] / "model.safetensors", metadata={"format": "pt"})
+    finetune.main()
+    assert not torch.equal(load_file(FINETUNED_DIR / "model.safetensors")["classifier.bias"], weights["classifier.bias"])

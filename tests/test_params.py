@@ -94,13 +94,17 @@ def test_missing_params_file_says_where_to_run(tmp_path):
         ("full", "efficientnet-lite0", 5e-4, 5),
         ("full", "google/vit-base-patch16-224", 5e-5, 5),
         ("head", "google/vit-base-patch16-224", 3e-3, 30),
+        ("head-then-full", "efficientnet-lite2", 1e-4, 3),
+        ("head-then-full", "google/vit-base-patch16-224", 1e-5, 3),
     ],
 )
 def test_auto_recipe_follows_the_mode_and_the_kind_of_model(mode, model, lr, epochs):
     raw = with_value("train.mode", mode)
     raw["model"]["name"], raw["train"]["lr"], raw["train"]["epochs"] = model, "auto", "auto"
+    raw["train"]["head_lr"], raw["train"]["head_epochs"] = "auto", "auto"
     train = params_from_dict(raw).train
     assert (train.lr, train.epochs) == (lr, epochs)
+    assert (train.head_lr, train.head_epochs) == (3e-3, 30)  # head mode's recipe, whatever the mode
     assert flatten(params_from_dict(raw))["train.lr"] == lr  # what MLflow logs: the resolved value
 
 
