@@ -268,6 +268,12 @@ def _experiment_id(name: str, location: str | None) -> str:
         return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
 
 
+def use_experiment(name: str) -> str:
+    """Point MLflow at the project's store; the id of experiment `name`, created there as the stages create it."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return _experiment_id(name, artifact_location())
+
+
 def _find_run(experiment_id: str, execution: str) -> mlflow.entities.Run | None:
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1, output_format="list"

@@ -373,6 +373,18 @@ def test_head_mode_trains_on_cached_features(cifar_archive, tiny_vit, dvc_cache,
     assert {"features@train", "features@val", "finetune", "evaluate", "export"} <= ran and "features@test" not in ran
     assert read_json(repo / "metrics/finetune.json")["train_images"] == 900
 
+    # the data-efficiency curve reads the experiments run by hand, and runs only the share not run yet
+    output = run([sys.executable, "scripts/data_efficiency.py", "--fractions", "0.02", "0.03", "--seeds", "42"], repo)
+    assert "fraction=0.02 seed=42 already run with these parameters" in output
+    assert "running 1 queued experiment(s)" in output  # fraction 0.03 only
+    rows = [line.split(" | ") for line in (repo / "reports/data_efficiency.md").read_text().splitlines() if "tiny-vit, head" in line]
+    shares = {(row[0].rsplit("train.lr=", 1)[1], row[1], row[2]) for row in rows}  # (lr, fraction, train images)
+    assert shares == {("0.003", "0.01", "450"), ("0.01", "0.01", "450"), ("0.01", "0.02", "900"), ("0.01", "0.03", "1,350")}
+    assert (repo / "reports/data_efficiency.png").stat().st_size > 10_000
+    [report] = [r for r in mlflow_runs(repo) if r.info.run_name == "data-efficiency"]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(report.info.run_id)}
+    assert logged == {"data_efficiency.png", "data_efficiency.md"}
+
 
 def status_stages(repo: Path) -> set[str]:
     """The stages `dvc status` says have changed."""
