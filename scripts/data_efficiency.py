@@ -139,6 +139,8 @@ def plot(runs: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
         errors = [points["accuracy"] - points["ci95_low"], points["ci95_high"] - points["accuracy"]]
         ax.errorbar(points["train_images"] * spread, points["accuracy"], yerr=errors, fmt="o", color=color, alpha=0.6, capsize=2, markersize=4)
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy", title="Test accuracy against labelled training data")
+    ax.set_xticks(sorted(table["train_images"].unique()), [f"{n:,.0f}" for n in sorted(table["train_images"].unique())])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figures.save(fig, path)
