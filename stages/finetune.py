@@ -245,7 +245,6 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
     collate = Collate(PixelTransform(processor))
     check_forward(model, collate, train, params)
-    classifier_head(model, params.model.name)  # the head calibrate() scales: fail now, not after training
 
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
@@ -342,9 +341,13 @@ def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, d
 
 def calibrate(model: PreTrainedModel, processor: object, val: TensorSplit, params: Params) -> float:
     """Fit the temperature on the validation split and fold it into the classifier (stages/calibration.py):
-    the saved model's probabilities come out calibrated, its predictions unchanged."""
+    the saved model's probabilities come out calibrated, its predictions unchanged. A model whose head is
+    not named `classifier` (a few transformers models call it `head`) is left as it is, at temperature 1."""
+    if not isinstance(getattr(model, "classifier", None), torch.nn.Module):
+        print(f"finetune: {type(model).__name__} has no `classifier` head to fold a temperature into; its probabilities are left uncalibrated")
+        return 1.0
     temperature = fit_temperature(split_logits(model, processor, "val", val, params, params.train.batch_size), val.labels)
-    fold_temperature(classifier_head(model, params.model.name), temperature)
+    fold_temperature(model.classifier, temperature)
     setattr(model.config, CONFIG_KEY, temperature)  # saved in config.json: what evaluate undoes to report the raw calibration
     return temperature
 

@@ -113,10 +113,7 @@ def classifier_head(model: PreTrainedModel, name: str) -> torch.nn.Module:
     """The module that turns pooled features into logits (`classifier` in transformers' image models)."""
     head = getattr(model, "classifier", None)
     if not isinstance(head, torch.nn.Module):
-        raise PipelineError(
-            f"model.name={name!r} ({type(model).__name__}) has no `classifier` head, which the pipeline trains and calibrates; "
-            "use an image-classification model whose head is named `classifier` (ViT, ConvNeXt, ResNet, Swin, ...)"
-        )
+        raise PipelineError(f"train.mode=head needs a model with a `classifier` head; {name!r} ({type(model).__name__}) has none: use train.mode=full")
     return head
 
 
