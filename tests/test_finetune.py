@@ -161,19 +161,21 @@ def test_the_full_phase_of_head_then_full_resumes_from_its_checkpoint(processed,
     finetuned(processed, tmp_path / "project", monkeypatch, **values)
     weights = load_file(FINETUNED_DIR / "model.safetensors")
     summary = finetune.METRICS_FILE.read_text()
-    checkpoints = sorted(finetune.CHECKPOINT_DIR.glob("checkpoint-*"), key=finetune.checkpoint_step)
-    shutil.rmtree(checkpoints[-1])  # killed before the last epoch's checkpoint was written
+    first, last = sorted(finetune.CHECKPOINT_DIR.glob("checkpoint-*"), key=finetune.checkpoint_step)
+    last_weights = load_file(last / "model.safetensors")
+    shutil.rmtree(last)  # killed before the last epoch's checkpoint was written
     capsys.readouterr()
     finetune.main()
-    assert f"resuming from {checkpoints[0]}" in capsys.readouterr().out
+    assert f"resuming from {first}" in capsys.readouterr().out
     assert finetune.METRICS_FILE.read_text() == summary
     resumed = load_file(FINETUNED_DIR / "model.safetensors")
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert all(torch.equal(load_file(last / "model.safetensors")[k], last_weights[k]) for k in last_weights)
 
-    # and it did resume from that checkpoint, not train again from the head phase: a change there shows in the result
-    shutil.rmtree(checkpoints[-1])
-    tampered = load_file(checkpoints[0] / "model.safetensors")
+    # and it did resume from that checkpoint, not train again from the head phase: a change there shows in the last epoch
+    shutil.rmtree(last)
+    tampered = load_file(first / "model.safetensors")
     tampered["classifier.bias"] += 1.0
-    save_file(tampered, checkpoints[0] / "model.safetensors", metadata={"format": "pt"})
+    save_file(tampered, first / "model.safetensors", metadata={"format": "pt"})
     finetune.main()
-    assert not torch.equal(load_file(FINETUNED_DIR / "model.safetensors")["classifier.bias"], weights["classifier.bias"])
+    assert not torch.equal(load_file(last / "model.safetensors")["classifier.bias"], last_weights["classifier.bias"])
