@@ -8,8 +8,9 @@ A fresh head sized to the data's classes replaces the pretrained one.
   features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
 - train.mode=head-then-full: head mode first (train.head_lr, train.head_epochs), then full mode from
   that model (train.lr, train.epochs: a smaller step, fewer epochs), so that a fresh head's large early
-  gradients do not wreck the pretrained features. The trained head counts as epoch 0 of the full phase:
-  it is kept if no later epoch beats it on validation accuracy.
+  gradients do not wreck the pretrained features; BatchNorm layers keep the statistics the head was
+  trained with. The trained head counts as epoch 0 of the full phase: it is kept if no later epoch
+  beats it on validation accuracy.
 Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
 and the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
 """
@@ -231,8 +232,21 @@ class Trained:
     images_per_second: float  # training throughput
 
 
+def keep_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Every BatchNorm layer normalises with its pretrained running statistics, as the head was trained on,
+    instead of the statistics of each small batch (which also overwrite the running ones): the Trainer
+    puts the whole model in training mode every step, so a hook puts these layers back before each forward."""
+    def inference_mode(layer: torch.nn.Module, _inputs) -> None:
+        layer.eval()
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(inference_mode)
+
+
 def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None, start: Trained | None = None) -> Trained:
-    """Every weight with the Trainer, from the pretrained model with a fresh head, or from `start`."""
+    """Every weight with the Trainer, from the pretrained model with a fresh head, or from `start` (a trained head:
+    its BatchNorm layers keep their statistics, see keep_batchnorm_statistics)."""
     # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
     # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
     # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
@@ -243,6 +257,8 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     else:
         model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions; a no-op for pure transformers
+    if start:
+        keep_batchnorm_statistics(model)
     collate = Collate(PixelTransform(processor))
     check_forward(model, collate, train, params)
 

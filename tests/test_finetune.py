@@ -7,10 +7,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from stages import features, finetune, preprocess
+from stages import efficientnet_lite, features, finetune, preprocess
 from stages.dataformat import FINETUNED_DIR
 from stages.download import resolve_source, write_raw
 from stages.errors import PipelineError
@@ -179,3 +180,23 @@ def test_the_full_phase_of_head_then_full_resumes_from_its_checkpoint(processed,
     save_file(tampered, first / "model.safetensors", metadata={"format": "pt"})
     finetune.main()
     assert not torch.equal(load_file(last / "model.safetensors")["classifier.bias"], last_weights["classifier.bias"])
+
+
+def test_the_full_phase_keeps_the_pretrained_batchnorm_statistics(small_tree):
+    """In head-then-full every BatchNorm layer normalises with its ImageNet statistics, in training mode too,
+    and a training step leaves them as they were (without the hook, each batch would overwrite them)."""
+    import torch
+
+    from stages.modeling import PixelTransform, load_pretrained
+    from tests.test_modeling import cifar_images
+
+    model, processor = load_pretrained(efficientnet_lite.NAME, ["cat", "dog", "ship"], image_size=32)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    pixels = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in cifar_images(small_tree, 8)])
+    finetune.keep_batchnorm_statistics(model)
+    model.train()
+    model(pixel_values=PixelTransform(processor)(pixels)).logits.sum().backward()
+    assert norms and not any(m.training for m in norms)
+    assert all(torch.equal(m.running_mean, mean) for m, mean in zip(norms, before))
+    assert model.efficientnet._conv_stem.weight.grad is not None  # the backbone still trains
