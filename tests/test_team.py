@@ -156,7 +156,7 @@ def test_an_experiment_is_shared_with_its_metrics_and_outputs(team, tmp_path):
     assert digests(second) == outputs
 
 
-def test_a_stopped_server_fails_in_one_line_and_keeps_the_cache(team, tmp_path):
+def test_a_stopped_server_fails_with_dvcs_error_lines_and_keeps_the_cache(team, tmp_path):
     repo = team["repo"]
     second = clone(team["origin"], tmp_path / "second")
     dvc(second, "pull", "data/raw")  # from the running server: the clone's cache holds the raw data
