@@ -5,7 +5,7 @@ PYTHON ?= python3
 # The CPU build of torch first, so that the project's range (torch>=2.4,<3) installs nothing more.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,team]"
 
 test:
 	$(PYTHON) -m pytest
