@@ -103,11 +103,21 @@ def a_test_image(repo: Path, tmp_path: Path) -> tuple[Path, str]:
     return path, first["predicted"]
 
 
-def assert_same_weights(left: Path, right: Path) -> None:
+def assert_same_weights(left: Path, right: Path, unfold_temperature: bool = False) -> None:
+    """Equal weights; with `unfold_temperature`, `left` is `right` calibrated: its classifier divided by the temperature it records."""
     from transformers import AutoModelForImageClassification
 
-    a, b = (AutoModelForImageClassification.from_pretrained(p).state_dict() for p in (left, right))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from stages.calibration import CONFIG_KEY
+
+    models = [AutoModelForImageClassification.from_pretrained(p) for p in (left, right)]
+    a, b = (model.state_dict() for model in models)
+    assert a.keys() == b.keys()
+    if unfold_temperature:
+        temperature = getattr(models[0].config, CONFIG_KEY)
+        assert temperature != 1.0
+        for k in [k for k in a if k.startswith("classifier.")]:
+            torch.testing.assert_close(a.pop(k) * temperature, b.pop(k), rtol=1e-6, atol=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def classify_in_fresh_python(repo: Path, image: Path, preamble: str) -> str:
@@ -225,7 +235,7 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
 
         plots = json.loads(dvc(repo, "plots", "show", "--json"))
         assert not plots.get("errors")
-        named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png", "metrics/misclassified.png"}
+        named = {"Loss per epoch", "Validation accuracy per epoch", "Test confusion matrix", "metrics/confusion_matrix.png", "metrics/misclassified.png", "metrics/reliability.png"}
         assert set(plots["data"]) == named and all(plots["data"][name] for name in named)
 
         # 3. nothing changed: nothing runs but the look at the inputs, no new run
@@ -298,11 +308,11 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
     assert classify_in_fresh_python(repo, image, "") == evaluated_label
     assert f"{image}\t{evaluated_label}\t" in run([sys.executable, "-m", "stages.predict", str(image)], repo)
 
-    # 10. the kept model is the best epoch's, whole (transformers 5 renames ViT weights on load)
+    # 10. the kept model is the best epoch's, whole (transformers 5 renames ViT weights on load), then calibrated
     checkpoints = sorted((repo / "models/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = read_json(checkpoints[-1] / "trainer_state.json")
     assert state["best_metric"] == read_json(repo / "metrics/finetune.json")["best_val_accuracy"]
-    assert_same_weights(repo / "models/finetuned", repo / state["best_model_checkpoint"])
+    assert_same_weights(repo / "models/finetuned", repo / state["best_model_checkpoint"], unfold_temperature=True)
 
     # 11. an interrupted finetune resumes from its last checkpoint and ends exactly where it would have
     before = pd.read_csv(repo / "metrics/finetune_epochs.csv")
