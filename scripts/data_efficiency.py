@@ -52,15 +52,22 @@ def experiments() -> pd.DataFrame:
 
 def workspace_params() -> dict[str, object]:
     """params.yaml as written (`auto` unresolved, as `dvc exp show` lists it), with dotted keys."""
-    def walk(raw: dict, prefix: str) -> dict:
-        return {k: v for key, value in raw.items() for k, v in (walk(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}).items()}
+    flat: dict[str, object] = {}
 
-    return walk(yaml.safe_load(Path("params.yaml").read_text()), "")
+    def walk(raw: dict, prefix: str) -> None:
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(yaml.safe_load(Path("params.yaml").read_text()), "")
+    return flat
 
 
-def configuration_keys() -> list[str]:
+def configuration_keys(params: dict[str, object]) -> list[str]:
     """The parameters that define a line: every params.yaml key but the shares, seeds and result-free settings."""
-    return [key for key in workspace_params() if key not in ACROSS and not key.startswith(NOT_RESULTS)]
+    return [key for key in params if key not in ACROSS and not key.startswith(NOT_RESULTS)]
 
 
 def as_text(value: object) -> str:
@@ -88,7 +95,7 @@ def requested_runs(fractions: list[float], seeds: list[int], overrides: list[str
     for override in overrides:
         key, _, value = override.partition("=")
         params[key] = yaml.safe_load(value)
-    configuration = {key: params[key] for key in configuration_keys()}
+    configuration = {key: params[key] for key in configuration_keys(params)}
     runs = []
     for fraction in fractions:
         for seed in seeds:
@@ -109,7 +116,7 @@ def run_experiments(runs: list[list[str]], jobs: int) -> None:
 
 def lines(rows: pd.DataFrame) -> pd.DataFrame:
     """The runs with a `line` label: model and mode, plus whatever else tells its configuration apart."""
-    keys = [key for key in configuration_keys() if key in rows.columns]
+    keys = [key for key in configuration_keys(workspace_params()) if key in rows.columns]
     compared = rows[keys].map(as_text)
     differing = [k for k in keys if compared[k].nunique() > 1 and k not in ("model.name", "train.mode")]
     rows = rows.assign(line=rows.apply(lambda r: ", ".join([str(r["model.name"]), str(r["train.mode"])] + [f"{k}={r[k]}" for k in differing]), axis=1))

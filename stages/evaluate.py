@@ -61,6 +61,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     temperature = folded_temperature()
     probs = logits.softmax(-1)
+    calibrated = probs.numpy()
     unscaled = (logits * temperature).softmax(-1).numpy()  # as the model was before finetune folded the temperature in
     confidences, preds = probs.max(-1)
     labels = test.labels.numpy()
@@ -78,7 +79,7 @@ def main() -> None:
         "test_images": n,
         "macro_f1": report["macro avg"]["f1-score"],
     }
-    metrics |= calibration(probs.numpy(), labels).as_dict()
+    metrics |= calibration(calibrated, labels).as_dict()
     metrics |= {"temperature": temperature, "ece_at_temperature_1": expected_calibration_error(unscaled, labels)}
     speed = {"eval_images_per_second": round(n / seconds, 2)}
     # The precision the test logits were computed in (here, or by the features stage in head mode).
@@ -95,7 +96,7 @@ def main() -> None:
     )
     figures.save(figures.confusion(actual, predicted, test.classes), CONFUSION_PNG)
     figures.save(figures.most_confidently_wrong(test.pixels, actual, predicted, confidences), MISCLASSIFIED_PNG)
-    figures.save(figures.reliability(reliability_bins(unscaled, labels), reliability_bins(probs.numpy(), labels), temperature), RELIABILITY_PNG)
+    figures.save(figures.reliability(reliability_bins(unscaled, labels), reliability_bins(calibrated, labels), temperature), RELIABILITY_PNG)
     print(
         f"evaluate: accuracy {metrics['accuracy']:.4f} (95% CI {interval.low:.4f}-{interval.high:.4f}) on {n} test images; "
         f"ECE {metrics['ece']:.4f} at temperature {temperature:.3f} ({metrics['ece_at_temperature_1']:.4f} at 1)"

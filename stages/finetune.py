@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
 import json
 import math
 import shutil
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
