@@ -94,3 +94,11 @@ def set_params(project: Path, **values) -> None:
             node = node[part]
         node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `make test`'s workers (pytest-xdist --dist loadgroup), keep each module's tests on one worker, so
+    its module-scoped fixtures are built once; test_pipeline's end-to-end tests share none and spread."""
+    for item in items:
+        if item.module.__name__ != "test_pipeline":
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
