@@ -62,6 +62,7 @@ from stages import hardware
 from stages.hub import project_root
 from stages.errors import PipelineError, run_stage
 from stages.params import Params, flatten, load_params
+from stages import pyfuncmodel
 
 EXECUTION_TAG = "pipeline.execution"
 STAGE_TAG = "pipeline.stage"  # the stage the execution started last
@@ -413,56 +414,36 @@ def log_figure(figure, name: str) -> None:
     mlflow.log_figure(figure, name)
 
 
-class _ServingCheckFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to validate serving input example")
-
-
-@contextmanager
-def _unless_loadable_by_mlflow(model) -> Iterator[None]:
-    """Leave out MLflow's warning that it cannot load the model it just saved, for a class transformers
-    does not name (EfficientNet-Lite): known, and said in the README (MLflow's loader builds only
-    transformers' own classes), and the export stage has already proven the model through pipeline()."""
-    import transformers
-
-    if hasattr(transformers, type(model).__name__):
-        yield
-        return
-    logger, quiet = logging.getLogger("mlflow.models.model"), _ServingCheckFilter()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
-
-
 @_tracked("the model")
 def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
-    """Log an image-classification model directory with the transformers flavour, register it, and
-    alias the new version `candidate` when `alias` (the export stage's sanity bar passed)."""
+    """Log an image-classification model directory with the transformers flavour (a class MLflow cannot rebuild:
+    as `stages.pyfuncmodel`'s pyfunc), register it, and alias the new version `candidate` when `alias`
+    (the export stage's sanity bar passed)."""
+    import transformers
     from huggingface_hub import ModelCard
     from PIL import Image
-    from transformers import pipeline
 
     # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
     # from, and a relative `models/export` is a valid Hub id (a minute of retries offline); an
     # absolute path is not one, so the look-up ends at once without asking the Hub.
-    classify = pipeline("image-classification", model=str(model_dir.resolve()))
+    classify = transformers.pipeline("image-classification", model=str(model_dir.resolve()))
     [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
     example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
     card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
-    with _unless_loadable_by_mlflow(classify.model):
-        info = mlflow.transformers.log_model(
-            classify,
-            name="model",
-            task="image-classification",
-            input_example=example,
-            signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
-            model_card=card,
-            model_config={"top_k": 1},
-            # MLflow's default list for image models names torchvision, which the pipeline does not use.
-            pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
-            registered_model_name=registered_name,
+    # MLflow's default list for image models names torchvision, which the pipeline does not use.
+    logged = dict(
+        name="model",
+        input_example=example,
+        signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
+        pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
+        registered_model_name=registered_name,
+    )
+    if hasattr(transformers, type(classify.model).__name__):
+        info = mlflow.transformers.log_model(classify, task="image-classification", model_card=card, model_config={"top_k": 1}, **logged)
+    else:  # a class MLflow's transformers loader cannot rebuild: the same model as a pyfunc around pipeline()
+        logged["pip_requirements"] += [f"{p}=={version(p)}" for p in ("pandas", "efficientnet-lite-pytorch")]
+        info = mlflow.pyfunc.log_model(
+            python_model=pyfuncmodel.__file__, artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(__file__).parent)], **logged
         )
     if not alias:
         print(f"tracking: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")

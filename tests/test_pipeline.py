@@ -339,9 +339,11 @@ def test_efficientnet_lite_pipeline_offline(cifar_archive, dvc_cache, tmp_path):
     # the export loads through the Auto classes once the package is imported, no trust_remote_code
     image, evaluated_label = a_test_image(repo, tmp_path)
     assert classify_in_fresh_python(repo, image, "import stages.efficientnet_lite") == evaluated_label
-    # registered in the project's own store (MLflow's loader cannot build this custom class: see the README)
+    # registered in the project's own store, as a pyfunc MLflow loads without knowing the class
     version = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "candidate")
     assert version.run_id == tracked.info.run_id and version.status == "READY"
+    registered = mlflow.pyfunc.load_model("models:/cifar10-classifier@candidate")
+    assert registered.predict([str(image)]).iloc[0, 0]["label"] == evaluated_label
     assert read_json(repo / "models/export/preprocessor_config.json")["size"] == {"height": 64, "width": 64}
 
 

@@ -195,6 +195,34 @@ def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(
     assert len(client.search_model_versions("name='tiny'")) == 2
 
 
+@pytest.mark.parametrize("kind", ["vit", "efficientnet-lite0"])
+def test_every_registered_model_loads_with_pyfunc_and_predicts_as_its_pipeline(kind, tiny_vit, small_tree, tmp_path, monkeypatch):
+    """The transformers flavour (a ViT) and the pyfunc around pipeline() (EfficientNet-Lite, a class MLflow's
+    transformers loader cannot rebuild) load from the registry by alias and give the same top label and score."""
+    import base64
+
+    import mlflow
+    from transformers import pipeline
+
+    from stages import efficientnet_lite
+
+    model_dir = tiny_vit
+    if kind != "vit":
+        model_dir = tmp_path / "lite"
+        efficientnet_lite.from_imagenet(kind, {0: "cat", 1: "dog", 2: "ship"}).save_pretrained(model_dir)
+        efficientnet_lite.image_processor(kind).save_pretrained(model_dir)
+    image = next((small_tree / "test/ship").glob("*.jpg"))
+    params = local_store_params(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
+    with tracking.pipeline_run(params, "export"):
+        tracking.log_model(model_dir, "classifier", image.read_bytes(), str(model_dir))
+    registered = mlflow.pyfunc.load_model("models:/classifier@candidate")
+    [expected] = pipeline("image-classification", model=str(model_dir))(str(image), top_k=1)
+    for given in (str(image), base64.b64encode(image.read_bytes()).decode()):  # a path, and what the input example holds
+        [[top]] = registered.predict([given]).to_numpy()
+        assert top["label"] == expected["label"] and top["score"] == pytest.approx(expected["score"], abs=1e-6)
+
+
 def _stage_in_a_fresh_process(start, params) -> None:
     """A download stage run by hand, once every process is ready: they open the store at once."""
     tracking.dvc_ancestor = lambda: None
