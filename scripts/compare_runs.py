@@ -12,69 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: scripts.servers
+
+from scripts.servers import mlflow_server  # noqa: E402
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 MUST_SHOW = ("test_accuracy", "fraction", "hardware.cpu")
-START_TIMEOUT_S = 90
 ROW_IN_VIEW = """([grid, name]) => {
     const row = [...grid.querySelectorAll('*')].filter(e => e.textContent.trim() === name).pop();
     if (!row) return false;
     const [outer, inner] = [grid.getBoundingClientRect(), row.getBoundingClientRect()];
     return inner.top >= outer.top && inner.bottom <= outer.bottom;
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 and a free port, stopped (with its workers) whatever happens."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        # Without the job runner and its task consumers (GenAI evaluation jobs): a dozen fewer processes.
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                try:
-                    if requests.get(f"{url}/health", timeout=2).ok:
-                        break
-                except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"mlflow server did not start on {url}:\n{log.read().decode(errors='replace')[-3000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
 
 
 def runs_to_compare(url: str, experiment: str) -> tuple[str, list[str]]:

@@ -448,5 +448,20 @@ def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_
     if not alias:
         print(f"tracking: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")
         return
-    mlflow.MlflowClient().set_registered_model_alias(registered_name, MODEL_ALIAS, info.registered_model_version)
-    print(f"tracking: registered {registered_name} version {info.registered_model_version} as @{MODEL_ALIAS}")
+    client, number = mlflow.MlflowClient(), int(info.registered_model_version)
+    holder = aliased_version(client, registered_name)
+    if holder > number:  # an execution running at the same time registered after this one and passed the bar too
+        print(f"tracking: registered {registered_name} version {number}; @{MODEL_ALIAS} stays on the newer version {holder}")
+        return
+    client.set_registered_model_alias(registered_name, MODEL_ALIAS, str(number))
+    print(f"tracking: registered {registered_name} version {number} as @{MODEL_ALIAS}")
+
+
+def aliased_version(client: mlflow.MlflowClient, registered_name: str) -> int:
+    """The version that holds the alias `candidate`, 0 for none."""
+    try:
+        return int(client.get_model_version_by_alias(registered_name, MODEL_ALIAS).version)
+    except MlflowException as err:  # no such alias: MLflow answers INVALID_PARAMETER_VALUE ("... not found")
+        if err.error_code not in {databricks_pb2.ErrorCode.Name(c) for c in (databricks_pb2.INVALID_PARAMETER_VALUE, databricks_pb2.RESOURCE_DOES_NOT_EXIST)}:
+            raise
+        return 0

@@ -19,7 +19,8 @@ import requests
 import torch
 import yaml
 
-from scripts.compare_runs import free_port, mlflow_server, screenshot_comparison
+from scripts.compare_runs import screenshot_comparison
+from scripts.servers import free_port, mlflow_server
 from tests.conftest import ROOT, set_params
 
 pytestmark = pytest.mark.slow  # each test runs the pipeline: `make test`, not `make test-fast`

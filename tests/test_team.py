@@ -1,24 +1,29 @@
 """Working as a team: the pipeline's data and models shared through a DVC remote on a real S3-compatible
-server. moto's server mode (the `team` extra) is started by the tests on a free loopback port; it keeps
-its objects in memory and accepts any credentials, but some must be given, as with real S3."""
+server, and tracked on the team's MLflow server (PostgreSQL, artifacts in that object store). moto's
+server mode (the `team` extra) is started by the tests on a free loopback port; it keeps its objects in
+memory and accepts any credentials, but some must be given, as with real S3."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import boto3
-import pytest
-import requests
+import mlflow
 
-from scripts.compare_runs import free_port
-from tests.test_pipeline import ALWAYS, commit, dvc, make_repo, ran_stages, run, status_stages
+import pytest
+
+from scripts.servers import S3_CREDENTIALS, create_bucket, s3_server
+from scripts.team_server import BUCKET as SERVER_BUCKET
+from scripts.team_server import team_server
+from tests.test_pipeline import (
+    ALWAYS, SECRET, Rest, a_test_image, as_dict, check_tracked_run, commit, dvc, make_repo, ran_stages, read_json, run, status_stages,
+)
 
 pytestmark = pytest.mark.slow  # real dvc repro, push and pull: `make test`, not `make test-fast`
 
@@ -28,49 +33,6 @@ KEY_ID, SECRET = "team-test-key", "team-test-secret"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
 # Every output DVC caches in head mode (the cheapest run that exercises every stage).
 CACHED = ("data/raw", "data/processed", "data/features", "models/finetuned", "models/checkpoints", "models/export")
-
-
-class S3Server:
-    """`moto_server` on 127.0.0.1 in a session of its own, so that stop() ends it with anything it started."""
-
-    def __init__(self):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(self.url, timeout=1)
-                break
-            except requests.ConnectionError:
-                assert self.process.poll() is None, "moto_server exited at start"
-                assert time.monotonic() < deadline, f"moto_server did not answer at {self.url} within 30 s"
-                time.sleep(0.2)
-
-    def create_bucket(self, name: str) -> None:
-        s3 = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
-        s3.create_bucket(Bucket=name)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-@contextlib.contextmanager
-def s3_server():
-    server = S3Server()
-    try:
-        yield server
-    finally:  # also when a test fails
-        server.stop()
 
 
 def digests(repo: Path, paths=CACHED) -> dict[str, str]:
@@ -112,8 +74,8 @@ def team(small_tree, tiny_vit, dvc_cache, tmp_path_factory):
             train__mode="head", train__epochs=2, train__lr=1e-3, train__precision="fp32", export__check_images=18,
         )
         dvc(repo, "remote", "add", "-d", "storage", REMOTE)
-        dvc(repo, "remote", "modify", "storage", "endpointurl", server.url)
-        server.create_bucket(BUCKET)
+        dvc(repo, "remote", "modify", "storage", "endpointurl", server)
+        create_bucket(server, BUCKET)
         dvc(repo, "repro")
         outputs = digests(repo)
         assert "pushed" in dvc(repo, "push", env=CREDENTIALS)
@@ -161,10 +123,10 @@ def test_a_stopped_server_fails_with_dvcs_error_lines_and_keeps_the_cache(team, 
     second = clone(team["origin"], tmp_path / "second")
     dvc(second, "pull", "data/raw")  # from the running server: the clone's cache holds the raw data
     with s3_server() as stopped:
-        stopped.create_bucket(BUCKET)
+        create_bucket(stopped, BUCKET)
     before = digests(team["cache"], ["."]), digests(second.parent / "second-cache", ["."])
     for project in (repo, second):  # --local: for this test only, the committed endpoint is left as it was
-        dvc(project, "remote", "modify", "--local", "storage", "endpointurl", stopped.url)
+        dvc(project, "remote", "modify", "--local", "storage", "endpointurl", stopped)
     try:
         # one target for pull: DVC retries each missing directory output for about 10 s (the whole
         # pipeline's took 90-110 s to fail here)
@@ -174,10 +136,69 @@ def test_a_stopped_server_fails_with_dvcs_error_lines_and_keeps_the_cache(team, 
             # ("failed to pull data from the cloud - N files failed to download")
             errors = [line for line in output.splitlines() if line.startswith("ERROR")]
             assert 1 <= len(errors) <= 2 and "Traceback" not in output, output
-            assert "Could not connect to the endpoint URL" in errors[0] and stopped.url in errors[0], output
+            assert "Could not connect to the endpoint URL" in errors[0] and stopped in errors[0], output
     finally:
         for project in (repo, second):
             dvc(project, "remote", "modify", "--local", "--unset", "storage", "endpointurl")
     after = digests(team["cache"], ["."]), digests(second.parent / "second-cache", ["."])
     assert after == before
     assert digests(second, ["data/raw"]) == {k: v for k, v in team["outputs"].items() if k.startswith("data/raw/")}
+
+
+def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny_vit, tmp_path):
+    """scripts/team_server.py's server (MLflow on PostgreSQL, artifacts in the object store) tracks two
+    teammates' executions running at the same time from two clones: two runs, each holding its own
+    clone's params, metrics, system metrics and artifacts, and each clone's model registered."""
+    # PostgreSQL runs as the `postgres` user under root: its folder must not be under pytest's private tmp
+    server_dir = Path(tempfile.mkdtemp(prefix="team-server-"))
+    server_dir.chmod(0o755)
+    try:
+        with team_server(server_dir) as server:
+            rest, env = Rest(server.tracking_uri), {"MLFLOW_TRACKING_URI": server.tracking_uri, "HF_TOKEN": SECRET}
+            repos = {
+                lr: make_repo(
+                    tmp_path / f"clone-lr{lr}", tmp_path / f"cache-lr{lr}", data__source=str(small_tree), model__name=str(tiny_vit),
+                    fraction=1.0, data__test_fraction=1.0, train__mode="head", train__epochs=2, train__lr=lr, train__precision="fp32",
+                    export__check_images=18,
+                )
+                for lr in (1e-3, 3e-2)
+            }
+            clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+            started = {
+                lr: subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for lr, repo in repos.items()
+            }
+            outputs = {lr: process.communicate()[0] for lr, process in started.items()}
+            assert all(process.returncode == 0 for process in started.values()), outputs
+
+            runs = {float(as_dict(r["data"]["params"])["train.lr"]): r for r in rest.runs()}
+            assert runs.keys() == repos.keys()
+            repos_by_run = {runs[lr]["info"]["run_id"]: repo for lr, repo in repos.items()}
+            (first, second) = (runs[lr]["info"] for lr in repos)
+            assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]  # they ran at once
+            store = boto3.client("s3", endpoint_url=server.s3_endpoint, region_name="us-east-1", **{k.lower(): v for k, v in S3_CREDENTIALS.items()})
+            stored = [o["Key"] for o in store.list_objects_v2(Bucket=SERVER_BUCKET)["Contents"]]
+            for lr, repo in repos.items():
+                check_tracked_run(rest, runs[lr], repo, ran_stages(outputs[lr]))
+                run_id = runs[lr]["info"]["run_id"]
+                assert {f"mlflow/{runs[lr]['info']['experiment_id']}/{run_id}/artifacts/reliability.png"} <= set(stored)
+                # through the server, from the object store: the clone's own files, byte for byte
+                for name in ("reliability.png", "confusion_matrix.png", "eval_per_class.csv"):
+                    got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=server.tracking_uri, dst_path=str(tmp_path / run_id))
+                    assert Path(got).read_bytes() == (repo / "metrics" / name).read_bytes(), name
+            assert (repos[1e-3] / "metrics/reliability.png").read_bytes() != (repos[3e-2] / "metrics/reliability.png").read_bytes()
+
+            # one version per execution, each loading with pyfunc from the object store and predicting as its own clone
+            mlflow.set_tracking_uri(server.tracking_uri)
+            versions = rest.get("model-versions/search", filter="name='cifar10-classifier'")["model_versions"]
+            assert sorted(v["run_id"] for v in versions) == sorted(r["info"]["run_id"] for r in runs.values())
+            for version in versions:
+                image, evaluated_label = a_test_image(repos_by_run[version["run_id"]], tmp_path)
+                model = mlflow.pyfunc.load_model(f"models:/cifar10-classifier/{version['version']}")
+                assert model.predict([str(image)]).iloc[0, 0]["label"] == evaluated_label
+            # @candidate: the newest version above chance (a random tiny ViT on 18 test images may not be), whichever finished last
+            above_chance = [int(v["version"]) for v in versions if read_json(repos_by_run[v["run_id"]] / "metrics/eval.json")["accuracy"] > 1 / 3]
+            if above_chance:
+                assert rest.get("registered-models/alias", name="cifar10-classifier", alias="candidate")["model_version"]["version"] == str(max(above_chance))
+    finally:
+        shutil.rmtree(server_dir, ignore_errors=True)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from scripts.compare_runs import free_port
+from scripts.servers import free_port
 from stages import figures, tracking
 from stages.errors import PipelineError
 from stages.params import load_params
@@ -193,6 +193,29 @@ def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
     assert len(client.search_model_versions("name='tiny'")) == 2
+
+
+def test_the_alias_stays_on_a_newer_version_registered_by_an_execution_running_at_the_same_time(tiny_vit, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from tests.conftest import jpeg_bytes
+
+    params = local_store_params(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
+    log_transformers = mlflow.transformers.log_model
+
+    def and_meanwhile_another_execution(*args, **kwargs):  # registers version 2 and aliases it, between our steps
+        info = log_transformers(*args, **kwargs)
+        client = mlflow.MlflowClient()
+        newer = client.create_model_version("tiny", client.get_model_version("tiny", info.registered_model_version).source)
+        client.set_registered_model_alias("tiny", tracking.MODEL_ALIAS, newer.version)
+        return info
+
+    monkeypatch.setattr(mlflow.transformers, "log_model", and_meanwhile_another_execution)
+    with tracking.pipeline_run(params, "export"):
+        tracking.log_model(tiny_vit, "tiny", jpeg_bytes((50, 60, 70)), str(tiny_vit))
+    assert "registered tiny version 1; @candidate stays on the newer version 2" in capsys.readouterr().out
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "2"
 
 
 @pytest.mark.parametrize("kind", ["vit", "efficientnet-lite0"])
