@@ -13,6 +13,12 @@ A fresh head sized to the data's classes replaces the pretrained one.
   beats it on validation accuracy.
 Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
 and the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
+
+With train.processes N > 1, the Trainer's training (full mode, and the full phase of head-then-full)
+runs as N data-parallel processes under torchrun: gloo on CPU, NCCL on GPUs, train.batch_size still
+the global batch. This process prepares the checkpoints, starts them and waits; only the first of them
+saves the model and writes metrics/; this process alone logs to MLflow, from those files. Head mode
+trains in this one process (seconds), whatever N.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -47,7 +55,7 @@ from transformers import (
 from stages import figures, tracking
 from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
 from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path, read_json
-from stages.errors import PipelineError
+from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, split_logits
 from stages.params import Params, load_params
@@ -57,6 +65,16 @@ FINGERPRINT_FILE = CHECKPOINT_DIR / "inputs.json"
 METRICS_FILE = Path("metrics/finetune.json")
 SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
 EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
+RESUME_ENV = "FINETUNE_RESUME"  # the checkpoint the data-parallel processes resume from ("": none)
+
+
+def world_size() -> int:
+    """The number of data-parallel processes this one belongs to (torchrun sets WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_first_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class PixelDataset(torch.utils.data.Dataset):
@@ -150,12 +168,19 @@ CHECKPOINT_FILES = (
 )
 
 
-def is_complete(checkpoint: Path) -> bool:
+def checkpoint_files(processes: int) -> tuple[str, ...]:
+    """CHECKPOINT_FILES of a run with `processes` data-parallel processes: each saves its own rng_state_<rank>.pth."""
+    if processes == 1:
+        return CHECKPOINT_FILES
+    return tuple(name for name in CHECKPOINT_FILES if name != "rng_state.pth") + tuple(f"rng_state_{rank}.pth" for rank in range(processes))
+
+
+def is_complete(checkpoint: Path, processes: int = 1) -> bool:
     """Every file is there and readable to its end. The files themselves are checked rather than a marker
     written last (a callback's on_save): the Trainer's rotation runs before on_save, so a kill while it deletes an
     old checkpoint would leave the newest, complete one unmarked and the half-deleted one still marked."""
     try:
-        for name in CHECKPOINT_FILES:
+        for name in checkpoint_files(processes):
             path = checkpoint / name
             if path.suffix == ".json":
                 json.loads(path.read_text())
@@ -173,11 +198,11 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-"))
 
 
-def resumable_checkpoint() -> str | None:
+def resumable_checkpoint(processes: int = 1) -> str | None:
     """The newest complete checkpoint whose best checkpoint is complete too, or None. Incomplete ones and any
     newer than it are removed, so that the Trainer's rotation and best_model_checkpoint never count them."""
     checkpoints = sorted((p for p in CHECKPOINT_DIR.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()), key=checkpoint_step, reverse=True)
-    complete = {p.name for p in checkpoints if is_complete(p)}
+    complete = {p.name for p in checkpoints if is_complete(p, processes)}
     passed = []  # why each newer checkpoint cannot be resumed from
     for checkpoint in checkpoints:
         if checkpoint.name not in complete:
@@ -198,10 +223,10 @@ def resumable_checkpoint() -> str | None:
     return None
 
 
-def prepare_checkpoints(fingerprint: dict) -> str | None:
+def prepare_checkpoints(fingerprint: dict, processes: int = 1) -> str | None:
     """The checkpoint to resume from, or None after clearing checkpoints made from other inputs."""
     if read_json(FINGERPRINT_FILE) == fingerprint:
-        resume = resumable_checkpoint()
+        resume = resumable_checkpoint(processes)
         if resume:
             return resume
     if CHECKPOINT_DIR.exists():
@@ -244,9 +269,10 @@ def keep_batchnorm_statistics(model: torch.nn.Module) -> None:
             module.register_forward_pre_hook(inference_mode)
 
 
-def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None, start: Trained | None = None) -> Trained:
+def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None, start: Trained | None = None) -> Trained | None:
     """Every weight with the Trainer, from the pretrained model with a fresh head, or from `start` (a trained head:
-    its BatchNorm layers keep their statistics, see keep_batchnorm_statistics)."""
+    its BatchNorm layers keep their statistics, see keep_batchnorm_statistics). In a data-parallel run, None
+    in every process but the first, which alone saves."""
     # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
     # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
     # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
@@ -262,11 +288,12 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
     collate = Collate(PixelTransform(processor))
     check_forward(model, collate, train, params)
 
+    per_process_batch = params.train.batch_size // world_size()  # train.batch_size is the global batch
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
         num_train_epochs=params.train.epochs,
-        per_device_train_batch_size=params.train.batch_size,
-        per_device_eval_batch_size=params.train.batch_size,
+        per_device_train_batch_size=per_process_batch,
+        per_device_eval_batch_size=per_process_batch,
         learning_rate=params.train.lr,
         weight_decay=params.train.weight_decay,  # AdamW; the Trainer exempts biases and norms
         warmup_steps=params.train.warmup_ratio,  # a float below 1 is a share of all steps
@@ -285,6 +312,8 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         remove_unused_columns=False,
         report_to="none",  # tracking.pipeline_run logs to MLflow, one run per pipeline execution
         logging_nan_inf_filter=False,  # a non-finite loss must show, so FiniteLossCallback stops training
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size() > 1 else None,
+        ddp_find_unused_parameters=False,  # every weight gets a gradient: no extra pass over the graph
     )
     trainer = Trainer(
         model=model,
@@ -296,9 +325,14 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         compute_metrics=accuracy,
         callbacks=[FiniteLossCallback(params)],
     )
+    resumed_epochs = read_json(Path(resume) / "trainer_state.json")["epoch"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
+    if not is_first_process():
+        return None
     best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
-    return Trained(best, processor, epoch_table(trainer.state.log_history), result.metrics["train_samples_per_second"])
+    # Images actually trained on per second: the Trainer's own figure counts padded global batches.
+    images_per_second = len(train) * (trainer.state.epoch - resumed_epochs) / result.metrics["train_runtime"]
+    return Trained(best, processor, epoch_table(trainer.state.log_history), images_per_second)
 
 
 def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase: str = "") -> Trained:
@@ -342,12 +376,15 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
     return Trained(model, processor, pd.DataFrame(rows), n * epochs / seconds)
 
 
-def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> Trained:
+def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> Trained | None:
     """Head mode with train.head_lr/head_epochs, then full mode from its best epoch; the trained head is epoch 0.
-    The head phase runs on a resume too (seconds, deterministic): epoch 0 and the choice below need it."""
+    The head phase runs on a resume too (seconds, deterministic): epoch 0 and the choice below need it; in
+    a data-parallel run every process runs it alike, and only the first goes on after the full phase."""
     head = train_head(params, train, val, phase="head_")
     head_model = copy.deepcopy(head.model)  # the full phase trains head.model in place
     full = train_full(params, train, val, device, precision, resume, start=head)
+    if full is None:
+        return None
     best_head = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
     epoch_0 = pd.DataFrame([{"epoch": 0} | {k: best_head[k] for k in ("train_loss", "val_loss", "val_accuracy")}])
     epochs = pd.concat([epoch_0, full.epochs], ignore_index=True)
@@ -382,13 +419,10 @@ def warn_if_near_chance(best_val_accuracy: float, n_classes: int, params: Params
         )
 
 
-def main() -> None:
-    params = load_params()
-    check_model_name(params.model.name)
+def train_and_save(params: Params, device: str, precision: str, resume: str | None) -> None:
+    """Train (in this process, or as one of the data-parallel ones), calibrate, and write the model and metrics/."""
     train, val = load_split("train"), load_split("val")
-    device, precision = pick_device_and_precision(params.train.precision)
     set_seed(params.seed)  # the new head's initial weights
-    resume = prepare_checkpoints(inputs_fingerprint(params, device, precision))
     started = time.perf_counter()
     if params.train.mode == "head":
         trained = train_head(params, train, val)
@@ -396,6 +430,8 @@ def main() -> None:
         trained = train_full(params, train, val, device, precision, resume)
     else:
         trained = train_head_then_full(params, train, val, device, precision, resume)
+    if trained is None:  # a data-parallel process other than the first: it saves nothing
+        return
     seconds = time.perf_counter() - started
     model, processor, epochs = trained.model, trained.processor, trained.epochs
     temperature = calibrate(model, processor, val, params)
@@ -411,6 +447,7 @@ def main() -> None:
         "train_images": len(train),
         "val_images": len(val),
         "temperature": temperature,  # fitted on the validation split, folded into the classifier
+        "world_size": world_size(),  # data-parallel training processes
     }
     speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(trained.images_per_second, 2)}
     # What differs between machines or over time for the same params, so `dvc exp show` shows it too.
@@ -422,15 +459,58 @@ def main() -> None:
     epochs.to_csv(EPOCHS_FILE, index=False)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
-    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {device}/{precision}, temperature {temperature:.3f} -> {FINETUNED_DIR}/")
+    on = f"{device}/{precision}" + (f" x {summary['world_size']} processes" if summary["world_size"] > 1 else "")
+    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {on}, temperature {temperature:.3f} -> {FINETUNED_DIR}/")
     warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
 
-    tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(provenance["base_model_revision"])})
+
+def train_in_processes(params: Params, resume: str | None) -> None:
+    """train_and_save as train.processes data-parallel processes under torchrun (a free rendezvous port, so that
+    queued experiments can train at once), each with its share of the cores; wait for them."""
+    n = params.train.processes
+    threads = max(1, (os.cpu_count() or 1) // n)  # torchrun's default is 1 thread each
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "stages.finetune"]
+    done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": str(threads), RESUME_ENV: resume or ""})
+    if done.returncode:
+        raise PipelineError(f"the {n} data-parallel training processes (train.processes) stopped with exit status {done.returncode}; their own lines above say why")
+
+
+def log_results(device: str, precision: str) -> None:
+    """Log what train_and_save wrote to this execution's MLflow run."""
+    finetuned = read_json(METRICS_FILE)
+    summary = {k: finetuned[k] for k in ("best_epoch", "best_val_accuracy", "train_images", "val_images", "temperature", "world_size")}
+    epochs = pd.read_csv(EPOCHS_FILE)
+    tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(finetuned["base_model_revision"])})
     for row in epochs.to_dict("records"):
         tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
-    tracking.log_metrics(summary | speed)
+    tracking.log_metrics(summary | read_json(SPEED_FILE))
     tracking.log_figure(figures.learning_curves(epochs), "learning_curves.png")
 
 
+def main() -> None:
+    params = load_params()
+    check_model_name(params.model.name)
+    device, precision = pick_device_and_precision(params.train.precision)
+    processes = params.train.processes if params.train.mode != "head" else 1
+    if processes < params.train.processes:
+        print(f"finetune: head mode trains the head in this one process (seconds); train.processes={params.train.processes} applies to full training")
+    resume = prepare_checkpoints(inputs_fingerprint(params, device, precision), processes)
+    if processes > 1:
+        train_in_processes(params, resume)
+    else:
+        train_and_save(params, device, precision, resume)
+    log_results(device, precision)
+
+
+def data_parallel_process() -> None:
+    """One of train_in_processes' processes: the checkpoints are ready, the starting one in RESUME_ENV."""
+    params = load_params()
+    device, precision = pick_device_and_precision(params.train.precision)
+    train_and_save(params, device, precision, os.environ[RESUME_ENV] or None)
+
+
 if __name__ == "__main__":
-    tracking.run_tracked_stage("finetune", main)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun
+        run_stage(data_parallel_process)
+    else:
+        tracking.run_tracked_stage("finetune", main)

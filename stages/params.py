@@ -62,6 +62,7 @@ class TrainParams:
     warmup_ratio: float  # share of the steps spent warming the learning rate up
     augment: bool  # random horizontal flips of training images
     precision: str  # auto: bf16 where the hardware runs it fast, else fp32
+    processes: int  # data-parallel processes (torchrun) of the Trainer's training; batch_size stays the global batch
 
     def validate(self) -> None:
         _require(self.mode in MODES, "train.mode", self.mode, f"one of {', '.join(MODES)}")
@@ -73,6 +74,11 @@ class TrainParams:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
         _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
+        _require(
+            self.mode == "head" or self.batch_size % self.processes == 0, "train.batch_size", self.batch_size,
+            f"a multiple of train.processes ({self.processes}): it is the global batch, split evenly over the processes",
+        )
 
 
 @dataclass(frozen=True)
