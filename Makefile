@@ -7,10 +7,13 @@ install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev,team]"
 
-# On every core (pytest-xdist): the end-to-end tests mostly wait on one-threaded Python start-ups.
+# One pytest-xdist worker per core, each with one torch thread: the workers share the cores instead of
+# fighting over them (the end-to-end tests mostly wait on one-threaded Python start-ups anyway).
+TESTS = OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --dist loadgroup
+
 test:
-	$(PYTHON) -m pytest -n auto --dist loadgroup
+	$(TESTS)
 
 # The edit-test loop: everything but the end-to-end pipeline runs.
 test-fast:
-	$(PYTHON) -m pytest -n auto --dist loadgroup -m "not slow"
+	$(TESTS) -m "not slow"

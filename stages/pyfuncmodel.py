@@ -24,12 +24,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         self.classify = pipeline("image-classification", model=context.artifacts[MODEL_ARTIFACT])
 
-    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):  # a list of strings arrives as one column after MLflow's schema check
-            model_input = model_input.iloc[:, 0].tolist()
-        images = [model_input] if isinstance(model_input, str) else list(model_input)
-        return pd.DataFrame(self.classify(images, top_k=(params or {}).get("top_k", 1)))
-
+    # The type hint lets MLflow check the input: a list of strings, each an image path, URL or base64 of an image file.
+    def predict(self, model_input: list[str], params: dict | None = None) -> pd.DataFrame:
+        return pd.DataFrame(self.classify(list(model_input), top_k=(params or {}).get("top_k", 1)))
 
 # MLflow's models from code: it runs this file to build the model it loads (no pickled object).
 mlflow.models.set_model(ImageClassifier())

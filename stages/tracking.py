@@ -62,7 +62,6 @@ from stages import hardware
 from stages.hub import project_root
 from stages.errors import PipelineError, run_stage
 from stages.params import Params, flatten, load_params
-from stages import pyfuncmodel
 
 EXECUTION_TAG = "pipeline.execution"
 STAGE_TAG = "pipeline.stage"  # the stage the execution started last
@@ -423,6 +422,8 @@ def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_
     from huggingface_hub import ModelCard
     from PIL import Image
 
+    from stages import pyfuncmodel
+
     # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
     # from, and a relative `models/export` is a valid Hub id (a minute of retries offline); an
     # absolute path is not one, so the look-up ends at once without asking the Hub.
@@ -442,6 +443,7 @@ def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_
         info = mlflow.transformers.log_model(classify, task="image-classification", model_card=card, model_config={"top_k": 1}, **logged)
     else:  # a class MLflow's transformers loader cannot rebuild: the same model as a pyfunc around pipeline()
         logged["pip_requirements"] += [f"{p}=={version(p)}" for p in ("pandas", "efficientnet-lite-pytorch")]
+        del logged["signature"]  # MLflow takes it from predict's type hint (a list of strings in)
         info = mlflow.pyfunc.log_model(
             python_model=pyfuncmodel.__file__, artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(__file__).parent)], **logged
         )
