@@ -494,6 +494,8 @@ def main() -> None:
     processes = params.train.processes if params.train.mode != "head" else 1
     if processes < params.train.processes:
         print(f"finetune: head mode trains the head in this one process (seconds); train.processes={params.train.processes} applies to full training")
+    if device == "cuda" and processes > torch.cuda.device_count():  # NCCL: one GPU per process
+        raise PipelineError(f"train.processes={processes} but this machine has {torch.cuda.device_count()} GPU(s); set train.processes to at most that")
     resume = prepare_checkpoints(inputs_fingerprint(params, device, precision), processes)
     if processes > 1:
         train_in_processes(params, resume)

@@ -203,6 +203,20 @@ def test_the_full_phase_keeps_the_pretrained_batchnorm_statistics(small_tree):
     assert model.efficientnet._conv_stem.weight.grad is not None  # the backbone still trains
 
 
+def test_more_processes_than_gpus_is_one_line_before_any_work(processed, tmp_path, monkeypatch):
+    import torch
+
+    project = tmp_path / "project"
+    shutil.copytree(processed, project)
+    set_params(project, train__mode="full", train__processes=4)
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(finetune, "pick_device_and_precision", lambda precision: ("cuda", "fp32"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(PipelineError, match=r"^train\.processes=4 but this machine has 2 GPU\(s\); set train\.processes to at most that$"):
+        finetune.main()
+    assert not finetune.CHECKPOINT_DIR.exists()
+
+
 def finetune_in_a_subprocess(project: Path) -> str:
     """`python -m stages.finetune` as DVC runs it, its MLflow run in the project's own mlflow.db."""
     from tests.test_pipeline import run
