@@ -14,24 +14,39 @@ import numpy as np
 import torch
 import yaml
 
-from stages.dataformat import TensorSplit, read_classes, read_raw
+from stages.dataformat import TensorSplit, raw_images, raw_labels, read_classes
+from stages.decoding import decode_pixels, image_sizes
 from stages.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
 RESULTS = ROOT / "bench" / "results"
 REPEATS = 3
-# Runs a stage as `python -m` would, then prints the process's own peak resident memory.
-PEAK = "import resource, runpy, sys; runpy.run_module(sys.argv[1], run_name='__main__'); print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+SAMPLE_S = 0.02  # how often run_stage samples the memory of a stage's processes
 
 
 def run_stage(name: str, params: dict, work: Path) -> tuple[float, float]:
-    """Run one pipeline stage in `work` with `params`: (wall seconds, peak RSS in MiB)."""
+    """Run one pipeline stage in `work` with `params`: (wall seconds, peak RSS in MiB). The peak is of the
+    stage's process and its decoding workers together, sampled every SAMPLE_S: each worker's shared
+    libraries count once per process, so it errs high."""
+    import psutil
+
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK, f"stages.{name}"], cwd=work, env=env, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started, int(done.stdout.rsplit("peak_kib", 1)[1]) / 1024
+    stage = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process, peak = psutil.Process(stage.pid), 0
+    while stage.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]))
+        except psutil.NoSuchProcess:  # a worker (or the stage) ended between listing and reading it
+            pass
+        time.sleep(SAMPLE_S)
+    seconds = time.perf_counter() - started
+    output = stage.stdout.read().decode()
+    if stage.returncode:
+        raise RuntimeError(f"stages.{name} exited {stage.returncode}:\n{output[-3000:]}")
+    return seconds, peak / 2**20
 
 
 def project_params() -> dict:
@@ -51,11 +66,12 @@ def cifar_work_dir() -> Path:
 
 def cifar_images(n: int, split: str = "train") -> TensorSplit:
     """The first `n` images of a CIFAR-10 split, as the pipeline stores them (uint8, native size)."""
-    from stages.preprocess import to_tensors
-
     raw = cifar_work_dir() / "data/raw"
-    arrays = to_tensors(read_raw(split, raw), np.arange(n), read_classes(raw), None, f"{split} images")  # numpy, as preprocess saves them
-    return TensorSplit(*(torch.from_numpy(a) for a in (arrays.pixels, arrays.labels, arrays.index)), arrays.classes)
+    images = list(raw_images(split, np.arange(n), raw))
+    width, height = image_sizes(images[:1]).pop()
+    pixels = np.frombuffer(decode_pixels(images, (width, height), None), np.uint8).reshape(n, 3, height, width)
+    arrays = (pixels.copy(), raw_labels(split, raw)[:n], np.arange(n))
+    return TensorSplit(*(torch.from_numpy(a) for a in arrays), read_classes(raw))
 
 
 def machine() -> str:

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +47,7 @@ PROCESSED_SPLITS = ("train", "val", "test")
 FEATURES_DIR = Path("data/features")
 FINETUNED_DIR = Path("models/finetuned")
 PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
+RAW_BATCH_IMAGES = 1_000  # raw images read at a time
 EVAL_FILE = Path("metrics/eval.json")
 EXPORT_DIR = Path("models/export")
 
@@ -72,11 +76,39 @@ def read_classes(root: Path = RAW_DIR) -> list[str]:
     return json.loads(path.read_text())
 
 
-def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
-    """Columns: image (encoded bytes), path (where the image came from), label (int)."""
+def raw_labels(split: str, root: Path = RAW_DIR) -> np.ndarray:
+    """The raw split's labels alone, without its images."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(existing_raw(split, root), columns=["label"])["label"].to_numpy()
+
+
+def raw_images(split: str, rows: np.ndarray, root: Path = RAW_DIR) -> Iterator[tuple[str, bytes]]:
+    """(where it came from, encoded bytes) of the raw split's `rows` (ascending), read a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert np.all(np.diff(rows) > 0), "rows must ascend"
+    position = 0
+    for batch in pq.ParquetFile(existing_raw(split, root)).iter_batches(batch_size=RAW_BATCH_IMAGES, columns=["image"]):
+        first, end = np.searchsorted(rows, [position, position + batch.num_rows])
+        if end > first:
+            images = batch.column(0).take(pa.array(rows[first:end] - position))
+            yield from zip(images.field("path").to_pylist(), images.field("bytes").to_pylist())
+        position += batch.num_rows
+
+
+def existing_raw(split: str, root: Path) -> Path:
     path = raw_path(split, root)
     if not path.exists():
         raise PipelineError(f"{path} not found; run the download stage first (dvc repro download)")
+    return path
+
+
+def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
+    """Columns: image (encoded bytes), path (where the image came from), label (int). The whole split in
+    memory: for a few images (export, tests); preprocess streams them (raw_images)."""
+    path = existing_raw(split, root)
     import pandas as pd  # here, so the stages that only need a path (inputs, on every dvc repro) start fast
 
     frame = pd.read_parquet(path)
@@ -142,17 +174,34 @@ def processed_path(split: str, root: Path = PROCESSED_DIR) -> Path:
     return root / f"{split}.safetensors"
 
 
+def write_split(path: Path, labels: np.ndarray, index: np.ndarray, classes: list[str], image_shape: tuple[int, int, int], pixels: Iterable[bytes]) -> None:
+    """A processed split, its pixels (uint8 3×H×W images, one after another) written as they come in chunks:
+    byte for byte what safetensors' own save_file writes (index and labels first, then pixels)."""
+    n, image_bytes = len(labels), math.prod(image_shape)
+    header = {"__metadata__": {"classes": json.dumps(classes, ensure_ascii=False)}}
+    offset = 0
+    for name in ("index", "labels"):
+        header[name] = {"dtype": "I64", "shape": [n], "data_offsets": [offset, offset + 8 * n]}
+        offset += 8 * n
+    header["pixels"] = {"dtype": "U8", "shape": [n, *image_shape], "data_offsets": [offset, offset + n * image_bytes]}
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    written = 0
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        out.write(np.asarray(index, dtype="<i8").tobytes() + np.asarray(labels, dtype="<i8").tobytes())
+        for chunk in pixels:
+            out.write(chunk)
+            written += len(chunk)
+    if written != n * image_bytes:
+        raise AssertionError(f"{path}: {written} bytes of pixels written, {n * image_bytes} expected")
+
+
 def save_split(split: TensorSplit, path: Path) -> None:
     """Torch tensors or numpy arrays: the file is the same (safetensors stores dtype, shape and bytes)."""
-    from safetensors.numpy import save_file
-
     pixels = np.ascontiguousarray(np.asarray(split.pixels))
     assert pixels.dtype == np.uint8 and pixels.ndim == 4 and pixels.shape[1] == 3
-    save_file(
-        {"pixels": pixels, "labels": np.asarray(split.labels).astype(np.int64), "index": np.asarray(split.index).astype(np.int64)},
-        str(path),
-        metadata={"classes": json.dumps(split.classes)},
-    )
+    write_split(path, np.asarray(split.labels), np.asarray(split.index), split.classes, pixels.shape[1:], [pixels.tobytes()])
 
 
 def load_split(name: str, root: Path = PROCESSED_DIR) -> TensorSplit:

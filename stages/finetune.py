@@ -3,7 +3,8 @@
 A fresh head sized to the data's classes replaces the pretrained one.
 - train.mode=full: the transformers Trainer trains every weight, evaluates on the validation share
   and checkpoints every epoch, keeps the best epoch by validation accuracy, and, when the stage is
-  re-run after an interruption with the same inputs, resumes from the newest complete checkpoint.
+  re-run after an interruption with the same inputs, resumes from the newest complete checkpoint
+  (stages/checkpoints.py: where they live, when they go).
 - train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
   features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
 - train.mode=head-then-full: head mode first (train.head_lr, train.head_epochs), then full mode from
@@ -23,7 +24,6 @@ trains in this one process (seconds), whatever N.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -31,15 +31,12 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.nn import functional as F
 from transformers import (
     AutoImageProcessor,
@@ -54,18 +51,18 @@ from transformers import (
 
 from stages import figures, tracking
 from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
-from stages.dataformat import FINETUNED_DIR, MODEL_INPUT, PROCESSED_SPLITS, TensorSplit, load_features, load_split, processed_path, read_json
+from stages.checkpoints import Checkpoints, checkpoints_for, inputs_fingerprint
+from stages.dataformat import FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, split_logits
 from stages.params import Params, load_params
 
-CHECKPOINT_DIR = Path("models/checkpoints")
-FINGERPRINT_FILE = CHECKPOINT_DIR / "inputs.json"
 METRICS_FILE = Path("metrics/finetune.json")
 SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
 EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
-RESUME_ENV = "FINETUNE_RESUME"  # the checkpoint the data-parallel processes resume from ("": none)
+CHECKPOINTS_ENV = "FINETUNE_CHECKPOINTS"  # the data-parallel processes' checkpoint folder
+RESUME_ENV = "FINETUNE_RESUME"  # the checkpoint they resume from ("": none)
 
 
 def world_size() -> int:
@@ -148,94 +145,6 @@ class FiniteLossCallback(TrainerCallback):
                 check_finite_loss(float(logs[key]), which, epoch, self.params)
 
 
-def inputs_fingerprint(params: Params, device: str, precision: str) -> dict:
-    """What the checkpoints depend on: resuming is only safe when all of it is unchanged. The code of
-    every project module counts (more than finetune imports: a needless restart is safe, a stale resume not)."""
-    data = {name: hashlib.sha256(processed_path(name).read_bytes()).hexdigest() for name in PROCESSED_SPLITS}
-    code = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(Path(__file__).parent.glob("*.py"))}
-    return {
-        "seed": params.seed, "model": vars(params.model), "train": vars(params.train), "data": data,
-        "pretrained": json.loads(MODEL_INPUT.read_text()) if MODEL_INPUT.exists() else None,  # a local model's contents
-        "code": code, "versions": {p: version(p) for p in ("torch", "transformers")}, "device": device, "precision": precision,
-    }
-
-
-# Every file the Trainer writes into a checkpoint (bf16 and fp32 need no scaler.pt). A kill -9 while it
-# wrote one, or while its rotation deleted an old checkpoint, leaves some of them missing or cut short.
-CHECKPOINT_FILES = (
-    "config.json", "model.safetensors", "preprocessor_config.json", "training_args.bin",
-    "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-)
-
-
-def checkpoint_files(processes: int) -> tuple[str, ...]:
-    """CHECKPOINT_FILES of a run with `processes` data-parallel processes: each saves its own rng_state_<rank>.pth."""
-    if processes == 1:
-        return CHECKPOINT_FILES
-    return tuple(name for name in CHECKPOINT_FILES if name != "rng_state.pth") + tuple(f"rng_state_{rank}.pth" for rank in range(processes))
-
-
-def is_complete(checkpoint: Path, processes: int = 1) -> bool:
-    """Every file is there and readable to its end. The files themselves are checked rather than a marker
-    written last (a callback's on_save): the Trainer's rotation runs before on_save, so a kill while it deletes an
-    old checkpoint would leave the newest, complete one unmarked and the half-deleted one still marked."""
-    try:
-        for name in checkpoint_files(processes):
-            path = checkpoint / name
-            if path.suffix == ".json":
-                json.loads(path.read_text())
-            elif path.suffix == ".safetensors":
-                with safe_open(path, "pt"):  # fails unless the file is as long as its header says
-                    pass
-            else:
-                zipfile.ZipFile(path).close()  # torch.save writes a zip archive, whose directory comes last
-    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError):
-        return False
-    return True
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("checkpoint-"))
-
-
-def resumable_checkpoint(processes: int = 1) -> str | None:
-    """The newest complete checkpoint whose best checkpoint is complete too, or None. Incomplete ones and any
-    newer than it are removed, so that the Trainer's rotation and best_model_checkpoint never count them."""
-    checkpoints = sorted((p for p in CHECKPOINT_DIR.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()), key=checkpoint_step, reverse=True)
-    complete = {p.name for p in checkpoints if is_complete(p, processes)}
-    passed = []  # why each newer checkpoint cannot be resumed from
-    for checkpoint in checkpoints:
-        if checkpoint.name not in complete:
-            passed.append(f"{checkpoint.name} is incomplete (killed while it was written or deleted)")
-            continue
-        best = read_json(checkpoint / "trainer_state.json").get("best_model_checkpoint")
-        if best and Path(best).name not in complete:
-            # The Trainer would drop a missing best checkpoint but keep its best_metric: no later epoch could replace it.
-            passed.append(f"{checkpoint.name}'s best checkpoint {Path(best).name} is missing or incomplete")
-            continue
-        for other in checkpoints:
-            if other.name not in complete or checkpoint_step(other) > checkpoint_step(checkpoint):
-                shutil.rmtree(other)
-        print(f"finetune: {''.join(reason + ', ' for reason in passed)}resuming from {checkpoint}")
-        return str(checkpoint)
-    if passed:
-        print(f"finetune: {', '.join(passed)}, starting over")
-    return None
-
-
-def prepare_checkpoints(fingerprint: dict, processes: int = 1) -> str | None:
-    """The checkpoint to resume from, or None after clearing checkpoints made from other inputs."""
-    if read_json(FINGERPRINT_FILE) == fingerprint:
-        resume = resumable_checkpoint(processes)
-        if resume:
-            return resume
-    if CHECKPOINT_DIR.exists():
-        shutil.rmtree(CHECKPOINT_DIR)
-    CHECKPOINT_DIR.mkdir(parents=True)
-    FINGERPRINT_FILE.write_text(json.dumps(fingerprint, indent=2))
-    return None
-
-
 def epoch_table(log_history: list[dict]) -> pd.DataFrame:
     """One row per epoch: train_loss (mean over the epoch), val_loss, val_accuracy."""
     rows: dict[int, dict] = {}
@@ -269,13 +178,14 @@ def keep_batchnorm_statistics(model: torch.nn.Module) -> None:
             module.register_forward_pre_hook(inference_mode)
 
 
-def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None, start: Trained | None = None) -> Trained | None:
+def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, checkpoints: Checkpoints, start: Trained | None = None) -> Trained | None:
     """Every weight with the Trainer, from the pretrained model with a fresh head, or from `start` (a trained head:
     its BatchNorm layers keep their statistics, see keep_batchnorm_statistics). In a data-parallel run, None
     in every process but the first, which alone saves."""
     # transformers 5 names ViT's weights differently in memory than in its files, and the Trainer
     # loads checkpoints by raw name with strict=False: the encoder would silently keep other weights
     # (on resume, and for load_best_model_at_end). So checkpoints are loaded with from_pretrained.
+    resume = checkpoints.resume
     if resume:
         model, processor = AutoModelForImageClassification.from_pretrained(resume), AutoImageProcessor.from_pretrained(resume)
     elif start:
@@ -290,7 +200,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
 
     per_process_batch = params.train.batch_size // world_size()  # train.batch_size is the global batch
     args = TrainingArguments(
-        output_dir=str(CHECKPOINT_DIR),
+        output_dir=str(checkpoints.folder),
         num_train_epochs=params.train.epochs,
         per_device_train_batch_size=per_process_batch,
         per_device_eval_batch_size=per_process_batch,
@@ -376,13 +286,13 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
     return Trained(model, processor, pd.DataFrame(rows), n * epochs / seconds)
 
 
-def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, resume: str | None) -> Trained | None:
+def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, checkpoints: Checkpoints) -> Trained | None:
     """Head mode with train.head_lr/head_epochs, then full mode from its best epoch; the trained head is epoch 0.
     The head phase runs on a resume too (seconds, deterministic): epoch 0 and the choice below need it; in
     a data-parallel run every process runs it alike, and only the first goes on after the full phase."""
     head = train_head(params, train, val, phase="head_")
     head_model = copy.deepcopy(head.model)  # the full phase trains head.model in place
-    full = train_full(params, train, val, device, precision, resume, start=head)
+    full = train_full(params, train, val, device, precision, checkpoints, start=head)
     if full is None:
         return None
     best_head = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
@@ -419,7 +329,7 @@ def warn_if_near_chance(best_val_accuracy: float, n_classes: int, params: Params
         )
 
 
-def train_and_save(params: Params, device: str, precision: str, resume: str | None) -> None:
+def train_and_save(params: Params, device: str, precision: str, checkpoints: Checkpoints) -> None:
     """Train (in this process, or as one of the data-parallel ones), calibrate, and write the model and metrics/."""
     train, val = load_split("train"), load_split("val")
     set_seed(params.seed)  # the new head's initial weights
@@ -427,9 +337,9 @@ def train_and_save(params: Params, device: str, precision: str, resume: str | No
     if params.train.mode == "head":
         trained = train_head(params, train, val)
     elif params.train.mode == "full":
-        trained = train_full(params, train, val, device, precision, resume)
+        trained = train_full(params, train, val, device, precision, checkpoints)
     else:
-        trained = train_head_then_full(params, train, val, device, precision, resume)
+        trained = train_head_then_full(params, train, val, device, precision, checkpoints)
     if trained is None:  # a data-parallel process other than the first: it saves nothing
         return
     seconds = time.perf_counter() - started
@@ -464,13 +374,13 @@ def train_and_save(params: Params, device: str, precision: str, resume: str | No
     warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
 
 
-def train_in_processes(params: Params, resume: str | None) -> None:
+def train_in_processes(params: Params, checkpoints: Checkpoints) -> None:
     """train_and_save as train.processes data-parallel processes under torchrun (a free rendezvous port, so that
     queued experiments can train at once), each with its share of the cores; wait for them."""
     n = params.train.processes
     threads = max(1, (os.cpu_count() or 1) // n)  # torchrun's default is 1 thread each
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "stages.finetune"]
-    done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": str(threads), RESUME_ENV: resume or ""})
+    done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": str(threads), CHECKPOINTS_ENV: str(checkpoints.folder), RESUME_ENV: checkpoints.resume or ""})
     if done.returncode:
         raise PipelineError(f"the {n} data-parallel training processes (train.processes) stopped with exit status {done.returncode}; their own lines above say why")
 
@@ -496,19 +406,19 @@ def main() -> None:
         print(f"finetune: head mode trains the head in this one process (seconds); train.processes={params.train.processes} applies to full training")
     if device == "cuda" and processes > torch.cuda.device_count():  # NCCL: one GPU per process
         raise PipelineError(f"train.processes={processes} but this machine has {torch.cuda.device_count()} GPU(s); set train.processes to at most that")
-    resume = prepare_checkpoints(inputs_fingerprint(params, device, precision), processes)
-    if processes > 1:
-        train_in_processes(params, resume)
-    else:
-        train_and_save(params, device, precision, resume)
-    log_results(device, precision)
+    with checkpoints_for(inputs_fingerprint(params, device, precision), processes) as checkpoints:
+        if processes > 1:
+            train_in_processes(params, checkpoints)
+        else:
+            train_and_save(params, device, precision, checkpoints)
+        log_results(device, precision)
 
 
 def data_parallel_process() -> None:
-    """One of train_in_processes' processes: the checkpoints are ready, the starting one in RESUME_ENV."""
+    """One of train_in_processes' processes: the checkpoint folder is ready, the starting checkpoint in RESUME_ENV."""
     params = load_params()
     device, precision = pick_device_and_precision(params.train.precision)
-    train_and_save(params, device, precision, os.environ[RESUME_ENV] or None)
+    train_and_save(params, device, precision, Checkpoints(Path(os.environ[CHECKPOINTS_ENV]), os.environ[RESUME_ENV] or None))
 
 
 if __name__ == "__main__":

@@ -8,22 +8,25 @@ resized once: by default (`data.storage_size: null`) to the model's input size w
 processor's filter, so the model sees what its processor would make of the original file; to a
 `data.storage_size` square (bilinear) when that is set. Resizing to the model's input size, where
 still needed, and normalising happen later, in batches.
+Images are read, decoded on every core and written a chunk at a time (stages/decoding.py): memory does not
+grow with the number of images.
 """
 from __future__ import annotations
 
-import io
 import math
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from stages import tracking
-from stages.dataformat import PROCESSED_DIR, TensorSplit, decode_rgb, processed_path, read_classes, read_raw, save_split, split_off, stratified_share
+from stages.dataformat import PROCESSED_DIR, processed_path, raw_images, raw_labels, read_classes, split_off, stratified_share, write_split
+from stages.decoding import chunked, decode_pixels, image_sizes, ordered_map, worker_pool
 from stages.errors import PipelineError
 from stages.inputsize import model_input
 from stages.params import Params, load_params
@@ -74,54 +77,64 @@ def draw_indices(train_labels: np.ndarray, test_labels: np.ndarray, classes: lis
 @dataclass(frozen=True)
 class Storage:
     size: tuple[int, int]  # (width, height), as PIL counts
-    resample: int  # PIL filter
+    resample: int | None  # the PIL filter to resize with; None: every image has this size already
     why: str
 
 
-def storage_size(frames: list[pd.DataFrame], params: Params) -> Storage | None:
-    """None when every image shares one size (kept as is), else the square to resize to and how."""
-    sizes = {Image.open(io.BytesIO(data)).size for frame in frames for data in frame["image"]}
+SOURCES = {"train": "train", "val": "train", "test": "test"}  # processed split -> the raw split it is drawn from
+
+
+def storage_for(rows: dict[str, np.ndarray], params: Params, pool: ProcessPoolExecutor | None) -> Storage:
+    """The native size when every drawn image shares one, else the square to resize to and how."""
+    sizes = set()
+    for name, source in SOURCES.items():
+        for _, found in ordered_map(image_sizes, chunked(raw_images(source, rows[name])), pool):
+            sizes |= found
     if len(sizes) == 1:
-        return None
+        return Storage(sizes.pop(), None, "native size")
     if params.data.storage_size is not None:
         side = params.data.storage_size
-        return Storage((side, side), Image.BILINEAR, f"data.storage_size={side}")
+        return Storage((side, side), Image.BILINEAR, f"mixed sizes, resized to data.storage_size={side}")
     model = model_input(params.model.name, params.model.image_size)
-    return Storage((model.width, model.height), model.resample, f"the input size of {params.model.name}")
+    return Storage((model.width, model.height), model.resample, f"mixed sizes, resized to the input size of {params.model.name}")
 
 
-def to_tensors(frame: pd.DataFrame, rows: np.ndarray, classes: list[str], storage: Storage | None, desc: str) -> TensorSplit:
-    """Decode straight into one preallocated uint8 array: no float copies are ever held. The split
-    holds numpy arrays (N×3×H×W): this stage saves them and needs no torch."""
-    images, paths = frame["image"].to_numpy(), frame["path"].to_numpy()
-    width, height = storage.size if storage else decode_rgb(images[rows[0]], paths[rows[0]]).size
-    pixels = np.empty((len(rows), height, width, 3), dtype=np.uint8)
-    for i, row in enumerate(tqdm(rows, desc=desc, unit="img", mininterval=1)):
-        img = decode_rgb(images[row], paths[row])
-        pixels[i] = img if img.size == (width, height) else img.resize((width, height), storage.resample)
-    labels = frame["label"].to_numpy()[rows].astype(np.int64)
-    return TensorSplit(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), labels, rows.astype(np.int64), classes)
+def write_processed(name: str, rows: np.ndarray, labels: np.ndarray, classes: list[str], storage: Storage, pool: ProcessPoolExecutor | None) -> None:
+    """Decode (in the pool's processes) straight into uint8 pixels, streamed to the split's file a chunk at a
+    time: no float copies, and no more than a few chunks in memory, however many images."""
+    width, height = storage.size
+    decode = partial(decode_pixels, size=storage.size, resample=storage.resample)
+    with tqdm(total=len(rows), desc=f"preprocess {name}", unit="img", mininterval=1) as progress:
+
+        def pixels() -> Iterator[bytes]:
+            for chunk, decoded in ordered_map(decode, chunked(raw_images(SOURCES[name], rows)), pool):
+                progress.update(len(chunk))
+                yield decoded
+
+        write_split(processed_path(name), labels[rows], rows, classes, (3, height, width), pixels())
 
 
 def main() -> None:
+    from stages import tracking  # here, not at the top: the decoding workers import this module, and need no MLflow
+
     params = load_params()
     classes = read_classes()
-    raw = {split: read_raw(split) for split in ("train", "test")}
-    rows = draw_indices(raw["train"]["label"].to_numpy(), raw["test"]["label"].to_numpy(), classes, params)
-    picked = [raw["train"].iloc[rows["train"]], raw["train"].iloc[rows["val"]], raw["test"].iloc[rows["test"]]]
-    storage = storage_size(picked, params)
-    if PROCESSED_DIR.exists():
-        shutil.rmtree(PROCESSED_DIR)
-    PROCESSED_DIR.mkdir(parents=True)
-    sizes = {}
-    for name, source in (("train", "train"), ("val", "train"), ("test", "test")):
-        split = to_tensors(raw[source], rows[name], classes, storage, desc=f"preprocess {name}")
-        save_split(split, processed_path(name))
-        sizes[name] = len(split)
-    shape = "x".join(map(str, split.pixels.shape[1:]))
-    print(f"preprocess: {sizes} images of {shape} uint8 -> {PROCESSED_DIR}/" + (f" (mixed sizes, resized to {storage.why})" if storage else " (native size)"))
+    labels = {split: raw_labels(split) for split in ("train", "test")}
+    rows = draw_indices(labels["train"], labels["test"], classes, params)
+    with worker_pool(sum(map(len, rows.values()))) as pool:
+        storage = storage_for(rows, params, pool)
+        if PROCESSED_DIR.exists():
+            shutil.rmtree(PROCESSED_DIR)
+        PROCESSED_DIR.mkdir(parents=True)
+        for name, source in SOURCES.items():
+            write_processed(name, rows[name], labels[source], classes, storage, pool)
+    sizes = {name: len(rows[name]) for name in SOURCES}
+    width, height = storage.size
+    print(f"preprocess: {sizes} images of 3x{height}x{width} uint8 -> {PROCESSED_DIR}/ ({storage.why})")
     tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
 
 
 if __name__ == "__main__":
+    from stages import tracking
+
     tracking.run_tracked_stage("preprocess", main)

@@ -1,3 +1,4 @@
+import itertools
 import json
 import time
 
@@ -10,16 +11,24 @@ from stages.errors import PipelineError
 from tests.conftest import SMALL_CLASSES, jpeg_bytes
 
 
+def by_split(dataset) -> dict[str, list]:
+    """The records the dataset streams, per split."""
+    records = {split: [] for split in dataset.counts}
+    for record in dataset.records():
+        records[record[0]].append(record)
+    return records
+
+
 def summary(dataset):
     """Class names, and per split the sorted (class, file name, bytes) triples."""
-    return dataset.classes, {split: sorted((r[1], r[2].rsplit("/", 1)[-1], r[3]) for r in rows) for split, rows in dataset.records.items()}
+    return dataset.classes, {split: sorted((r[1], r[2].rsplit("/", 1)[-1], r[3]) for r in rows) for split, rows in by_split(dataset).items()}
 
 
 def test_folder_gives_classes_from_the_data(small_tree):
     dataset = resolve_source(str(small_tree))
     assert dataset.classes == sorted(SMALL_CLASSES)  # a 3-class folder gives 3 classes
-    assert {s: len(r) for s, r in dataset.records.items()} == {"train": 60, "test": 18}
-    assert decode_rgb(dataset.records["train"][0][3], "x").size == (32, 32)
+    assert dataset.counts == {s: len(r) for s, r in by_split(dataset).items()} == {"train": 60, "test": 18}
+    assert decode_rgb(by_split(dataset)["train"][0][3], "x").size == (32, 32)
     assert dataset.revision is None
 
 
@@ -31,7 +40,7 @@ def test_archives_read_the_same_as_the_folder(small_tree, small_archives, kind):
 def test_hub_schema_dataset_is_converted(small_tree, tmp_path):
     """A local dataset laid out as uoft-cs/cifar10 on the Hub: parquet shards, `img` and `label` columns."""
     local = resolve_source(str(small_tree))
-    classes, records = local.classes, local.records
+    classes, records = local.classes, by_split(local)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     for split, rows in records.items():
         table = datasets.Dataset.from_dict(
@@ -40,7 +49,8 @@ def test_hub_schema_dataset_is_converted(small_tree, tmp_path):
         table.to_parquet(str(tmp_path / "plain_text" / f"{split}-00000-of-00001.parquet"))
     hub = records_from_datasets(datasets.load_dataset(str(tmp_path)), "local/cifar-like")
     assert hub.classes == classes
-    assert sorted((r[1], r[3]) for r in hub.records["test"]) == sorted((r[1], r[3]) for r in records["test"])
+    assert hub.counts == local.counts
+    assert sorted((r[1], r[3]) for r in by_split(hub)["test"]) == sorted((r[1], r[3]) for r in records["test"])
 
 
 def test_raw_format_round_trip(small_tree, tmp_path):
@@ -49,19 +59,39 @@ def test_raw_format_round_trip(small_tree, tmp_path):
     assert read_classes(tmp_path) == dataset.classes
     train = read_raw("train", tmp_path)
     assert len(train) == 60 and set(train["label"]) == {0, 1, 2}
-    assert sorted(train["image"]) == sorted(r[3] for r in dataset.records["train"])
+    assert list(train["image"]) == [r[3] for r in by_split(dataset)["train"]]  # in the folder's sorted order
     assert json.loads((tmp_path / "source.json").read_text()) == {"data.source": str(small_tree), "revision": None}
 
 
 def test_corrupt_image_is_named_before_anything_is_written(small_tree, tmp_path):
     dataset = resolve_source(str(small_tree))
-    dataset.records["train"].append(("train", "cat", "train/cat/broken.jpg", jpeg_bytes((1, 2, 3))[:100]))
+    records = dataset.records
+    dataset.records = lambda: itertools.chain(records(), [("train", "cat", "train/cat/broken.jpg", jpeg_bytes((1, 2, 3))[:100])])
     out = tmp_path / "raw"
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
     with pytest.raises(PipelineError, match="train/cat/broken.jpg cannot be decoded"):
         write_raw(dataset, str(small_tree), out)
-    assert (out / "keep.txt").exists()  # nothing was lost
+    assert (out / "keep.txt").exists() and not (tmp_path / "raw.partial").exists()  # nothing was lost, nothing left over
+
+
+def test_every_core_decodes_to_the_same_files_and_names_a_corrupt_image(small_tree, tmp_path, monkeypatch):
+    """The worker processes' path (below PARALLEL_MIN_IMAGES images the stage decodes in its own process)."""
+    from stages import decoding
+
+    dataset = resolve_source(str(small_tree))
+    write_raw(dataset, str(small_tree), tmp_path / "one")
+    monkeypatch.setattr(decoding, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(decoding, "cores", lambda: 2)
+    write_raw(dataset, str(small_tree), tmp_path / "two")
+    for name in ("train.parquet", "test.parquet", "classes.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+    records = dataset.records
+    dataset.records = lambda: itertools.chain(records(), [("test", "cat", "test/cat/broken.jpg", b"not a jpeg")])
+    with pytest.raises(PipelineError, match="^image test/cat/broken.jpg cannot be decoded"):
+        write_raw(dataset, str(small_tree), tmp_path / "two")
+    assert (tmp_path / "two" / "train.parquet").exists()
 
 
 def test_bad_local_sources_are_explained(tmp_path):

@@ -3,8 +3,10 @@ any model is written: the tiny ViT on the small tree, in head mode and in full m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import efficientnet_lite, features, finetune, preprocess
+from stages import checkpoints, efficientnet_lite, features, finetune, preprocess
 from stages.dataformat import FINETUNED_DIR
 from stages.download import resolve_source, write_raw
 from stages.errors import PipelineError
 from tests.conftest import ROOT, set_params
+from tests.test_interrupted import killer_env
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +69,16 @@ def test_a_finite_loss_trains_as_before(processed, tmp_path, monkeypatch):
     assert (FINETUNED_DIR / "config.json").exists() and yaml.safe_load(finetune.METRICS_FILE.read_text())["best_epoch"] in (1, 2)
 
 
-def fake_checkpoint(step: int, best: int | None) -> Path:
-    """A checkpoint folder with every file the Trainer writes, readable to its end."""
+def fake_checkpoint(folder: Path, step: int, best: int | None) -> Path:
+    """A checkpoint in `folder` with every file the Trainer writes, readable to its end."""
     import torch
     from safetensors.torch import save_file
 
-    path = finetune.CHECKPOINT_DIR / f"checkpoint-{step}"
+    path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    for name in finetune.CHECKPOINT_FILES:
+    for name in checkpoints.CHECKPOINT_FILES:
         if name.endswith(".json"):
-            state = {"best_model_checkpoint": best and str(finetune.CHECKPOINT_DIR / f"checkpoint-{best}")}
+            state = {"best_model_checkpoint": best and str(folder / f"checkpoint-{best}")}
             (path / name).write_text(json.dumps(state))
         elif name.endswith(".safetensors"):
             save_file({"weight": torch.zeros(4)}, path / name)
@@ -86,25 +89,66 @@ def fake_checkpoint(step: int, best: int | None) -> Path:
 
 def test_resumes_from_the_newest_complete_checkpoint_whose_best_checkpoint_is_there(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    fake_checkpoint(7, best=7)
-    fake_checkpoint(14, best=7)
-    fake_checkpoint(21, best=21)
-    assert finetune.resumable_checkpoint() == "models/checkpoints/checkpoint-21"
-    assert capsys.readouterr().out == "finetune: resuming from models/checkpoints/checkpoint-21\n"
+    folder = checkpoints.CHECKPOINTS_DIR / "0123abcd"
+    fake_checkpoint(folder, 7, best=7)
+    fake_checkpoint(folder, 14, best=7)
+    fake_checkpoint(folder, 21, best=21)
+    assert checkpoints.resumable_checkpoint(folder.resolve()) == str(tmp_path / folder / "checkpoint-21")
+    assert capsys.readouterr().out == f"finetune: resuming from {folder}/checkpoint-21\n"
 
-    optimizer = finetune.CHECKPOINT_DIR / "checkpoint-21/optimizer.pt"
+    optimizer = folder / "checkpoint-21/optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # killed while it was written
-    fake_checkpoint(28, best=21)
-    assert finetune.resumable_checkpoint() == "models/checkpoints/checkpoint-14"
+    fake_checkpoint(folder, 28, best=21)
+    assert checkpoints.resumable_checkpoint(folder.resolve()) == str(tmp_path / folder / "checkpoint-14")
     assert capsys.readouterr().out == (
         "finetune: checkpoint-28's best checkpoint checkpoint-21 is missing or incomplete, "
-        "checkpoint-21 is incomplete (killed while it was written or deleted), resuming from models/checkpoints/checkpoint-14\n"
+        f"checkpoint-21 is incomplete (killed while it was written or deleted), resuming from {folder}/checkpoint-14\n"
     )
-    assert sorted(p.name for p in finetune.CHECKPOINT_DIR.iterdir()) == ["checkpoint-14", "checkpoint-7"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-14", "checkpoint-7"]
 
-    (finetune.CHECKPOINT_DIR / "checkpoint-7/config.json").unlink()  # killed while the Trainer's rotation deleted it
-    assert finetune.resumable_checkpoint() is None
+    (folder / "checkpoint-7/config.json").unlink()  # killed while the Trainer's rotation deleted it
+    assert checkpoints.resumable_checkpoint(folder.resolve()) is None
     assert capsys.readouterr().out.endswith("checkpoint-7 is incomplete (killed while it was written or deleted), starting over\n")
+
+
+def test_each_set_of_inputs_has_its_own_locked_folder_removed_when_its_execution_finishes(tmp_path, monkeypatch, capsys):
+    """Two executions with the same inputs never share a folder; another's interrupted folder stays (for its
+    re-run) until unused for KEEP_DAYS; a finished execution's folder goes, a failed one's stays."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / checkpoints.CHECKPOINTS_DIR
+    with checkpoints.checkpoints_for({"lr": 1}, processes=1) as first:
+        assert first.folder.parent == root and first.resume is None
+        fake_checkpoint(first.folder, 7, best=7)
+        with pytest.raises(PipelineError, match=r"^another execution with the same inputs is training into models/checkpoints/\w{16} now; let it finish"):
+            with checkpoints.checkpoints_for({"lr": 1}, processes=1):
+                pass
+        with pytest.raises(ZeroDivisionError):  # a failure while training: its checkpoints stay
+            with checkpoints.checkpoints_for({"lr": 2}, processes=1) as failed:
+                fake_checkpoint(failed.folder, 7, best=7)
+                1 / 0
+    assert capsys.readouterr().out.endswith(f"finetune: finished, removed its checkpoints models/checkpoints/{first.folder.name}\n")
+    assert not first.folder.exists() and (failed.folder / "checkpoint-7").is_dir()
+
+    with checkpoints.checkpoints_for({"lr": 2}, processes=1) as again:  # the failed execution, re-run
+        assert again.folder == failed.folder and again.resume == str(failed.folder / "checkpoint-7")
+        with checkpoints.checkpoints_for({"lr": 3}, processes=1):  # meanwhile: the other is in use
+            pass
+        assert "also holds 1 other execution(s)' checkpoints" in capsys.readouterr().out
+    assert not failed.folder.exists()
+
+    with pytest.raises(ZeroDivisionError):
+        with checkpoints.checkpoints_for({"lr": 4}, processes=1) as old:
+            1 / 0
+    with pytest.raises(ZeroDivisionError):
+        with checkpoints.checkpoints_for({"lr": 5}, processes=1) as recent:
+            1 / 0
+    days_ago = time.time() - (checkpoints.KEEP_DAYS + 1) * 86400
+    os.utime(old.folder, (days_ago, days_ago))
+    with checkpoints.checkpoints_for({"lr": 6}, processes=1):
+        pass
+    out = capsys.readouterr().out
+    assert f"removed models/checkpoints/{old.folder.name}, an interrupted execution's checkpoints unused for 7 days" in out
+    assert not old.folder.exists() and recent.folder.exists()
 
 
 def finetuned(processed: Path, project: Path, monkeypatch, **values) -> Path:
@@ -160,15 +204,17 @@ def test_the_full_phase_of_head_then_full_resumes_from_its_checkpoint(processed,
     from safetensors.torch import load_file, save_file
 
     values = {"train__mode": "head-then-full", "train__head_lr": 3e-3, "train__head_epochs": 2, "train__lr": 1e-3, "train__epochs": 2}
-    finetuned(processed, tmp_path / "project", monkeypatch, **values)
+    monkeypatch.setattr(checkpoints, "remove_finished", lambda folder: None)  # as if killed right after training
+    project = finetuned(processed, tmp_path / "project", monkeypatch, **values)
     weights = load_file(FINETUNED_DIR / "model.safetensors")
     summary = finetune.METRICS_FILE.read_text()
-    first, last = sorted(finetune.CHECKPOINT_DIR.glob("checkpoint-*"), key=finetune.checkpoint_step)
+    [folder] = (project / checkpoints.CHECKPOINTS_DIR).iterdir()
+    first, last = sorted(folder.glob("checkpoint-*"), key=checkpoints.checkpoint_step)
     last_weights = load_file(last / "model.safetensors")
     shutil.rmtree(last)  # killed before the last epoch's checkpoint was written
     capsys.readouterr()
     finetune.main()
-    assert f"resuming from {first}" in capsys.readouterr().out
+    assert f"resuming from {checkpoints.CHECKPOINTS_DIR / folder.name / first.name}" in capsys.readouterr().out
     assert finetune.METRICS_FILE.read_text() == summary
     resumed = load_file(FINETUNED_DIR / "model.safetensors")
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
@@ -214,14 +260,14 @@ def test_more_processes_than_gpus_is_one_line_before_any_work(processed, tmp_pat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(PipelineError, match=r"^train\.processes=4 but this machine has 2 GPU\(s\); set train\.processes to at most that$"):
         finetune.main()
-    assert not finetune.CHECKPOINT_DIR.exists()
+    assert not checkpoints.CHECKPOINTS_DIR.exists()
 
 
-def finetune_in_a_subprocess(project: Path) -> str:
+def finetune_in_a_subprocess(project: Path, env: dict[str, str] | None = None, status: int = 0) -> str:
     """`python -m stages.finetune` as DVC runs it, its MLflow run in the project's own mlflow.db."""
     from tests.test_pipeline import run
 
-    return run([sys.executable, "-m", "stages.finetune"], project)
+    return run([sys.executable, "-m", "stages.finetune"], project, env, status)
 
 
 @pytest.mark.slow  # three trainings, two of them as torchrun's two processes
@@ -264,7 +310,9 @@ def test_two_data_parallel_processes_train_as_one_logs_once_and_resume(small_tre
     assert two["train_loss"].mean() == pytest.approx(one["train_loss"].mean(), rel=0.05)
     assert abs(one["val_accuracy"].max() - two["val_accuracy"].max()) <= 2 / 15 + 1e-9
 
-    checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    shutil.rmtree(checkpoints[-1])  # as if killed during the last epoch
-    assert f"resuming from models/checkpoints/{checkpoints[-2].name}" in finetune_in_a_subprocess(project)
+    # killed (each training process) right after the 2nd epoch's checkpoint, then re-run: it resumes
+    # (from that checkpoint, or from the 1st where the kill cut the 2nd short) and ends where the run did
+    shutil.rmtree(project / "metrics")
+    finetune_in_a_subprocess(project, killer_env("finetune", "transformers.trainer_callback:CallbackHandler.on_save", 2, "after"), status=2)
+    assert "finetune: resuming from models/checkpoints/" in finetune_in_a_subprocess(project)
     pd.testing.assert_frame_equal(pd.read_csv(project / "metrics/finetune_epochs.csv"), two)

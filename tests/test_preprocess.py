@@ -114,3 +114,18 @@ def test_a_model_without_an_image_processor_is_named(mixed_tree, tiny_vit, tmp_p
     (bare / "preprocessor_config.json").unlink()
     with pytest.raises(PipelineError, match="has no preprocessor_config.json"):
         run_preprocess(mixed_tree, tmp_path / "p", monkeypatch, model__name=str(bare))
+
+
+def test_every_core_stores_the_same_files_as_one(mixed_tree, tmp_path, monkeypatch):
+    """The worker processes' path (the stage decodes in its own process below PARALLEL_MIN_IMAGES images):
+    mixed sizes resized, byte for byte the files one process writes."""
+    from stages import decoding
+
+    run_preprocess(mixed_tree, tmp_path / "one", monkeypatch, model__name=efficientnet_lite.NAME)
+    monkeypatch.setattr(decoding, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(decoding, "cores", lambda: 2)
+    monkeypatch.setattr(decoding, "CHUNK_IMAGES", 4)  # several chunks in flight, to be put back in order
+    run_preprocess(mixed_tree, tmp_path / "two", monkeypatch, model__name=efficientnet_lite.NAME)
+    for split in ("train", "val", "test"):
+        name = f"data/processed/{split}.safetensors"
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

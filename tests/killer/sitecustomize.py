@@ -44,5 +44,9 @@ def install(target: str, call: int, then: str) -> None:
 
 if "KILL_AT" in os.environ:
     kill_at = json.loads(os.environ["KILL_AT"])
-    if sys.orig_argv[1:3] == ["-m", f"stages.{kill_at.pop('stage')}"]:
+    module = f"stages.{kill_at.pop('stage')}"
+    if ("-m", module) in zip(sys.orig_argv, sys.orig_argv[1:]):  # also torchrun's `python -u -m ...`
+        # `python -m` puts the working directory first on sys.path only after this runs: a target in the
+        # project's own code must be the stage's copy, not the one an editable install points at
+        sys.path.insert(0, os.getcwd())
         install(**kill_at)
