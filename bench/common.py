@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine it ran on, medians of repeated timings, result files."""
 from __future__ import annotations
 
+import io
 import os
 import statistics
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 
-from stages.dataformat import TensorSplit, raw_images, raw_labels, read_classes
-from stages.decoding import decode_pixels, image_sizes
+from stages.dataformat import TensorSplit, raw_groups, raw_labels, read_classes, read_raw_group
+from stages.decoding import decode_pixels
 from stages.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +69,8 @@ def cifar_work_dir() -> Path:
 def cifar_images(n: int, split: str = "train") -> TensorSplit:
     """The first `n` images of a CIFAR-10 split, as the pipeline stores them (uint8, native size)."""
     raw = cifar_work_dir() / "data/raw"
-    images = list(raw_images(split, np.arange(n), raw))
-    width, height = image_sizes(images[:1]).pop()
+    images = [image for task in raw_groups(split, np.arange(n), n, raw) for image in read_raw_group(task)]
+    width, height = Image.open(io.BytesIO(images[0][1])).size
     pixels = np.frombuffer(decode_pixels(images, (width, height), None), np.uint8).reshape(n, 3, height, width)
     arrays = (pixels.copy(), raw_labels(split, raw)[:n], np.arange(n))
     return TensorSplit(*(torch.from_numpy(a) for a in arrays), read_classes(raw))

@@ -52,7 +52,7 @@ def photos() -> Path:
     folder, rng = WORK / "photos-20k", random.Random(0)
     if not (folder / "test").is_dir():
         images = sorted(cifar_folder().glob("*/*/*.jpg"))
-        picked = rng.sample([i for i in images if i.parts[-3] == "train"], PHOTOS * 5 // 6)
+        picked = rng.sample([i for i in images if i.parts[-3] == "train"], PHOTOS - PHOTOS // 6)
         picked += rng.sample([i for i in images if i.parts[-3] == "test"], PHOTOS // 6)
         for image in picked:
             target = folder / image.relative_to(cifar_folder())

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import struct
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +46,6 @@ PROCESSED_SPLITS = ("train", "val", "test")
 FEATURES_DIR = Path("data/features")
 FINETUNED_DIR = Path("models/finetuned")
 PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
-RAW_BATCH_IMAGES = 1_000  # raw images read at a time
 EVAL_FILE = Path("metrics/eval.json")
 EXPORT_DIR = Path("models/export")
 
@@ -83,19 +81,40 @@ def raw_labels(split: str, root: Path = RAW_DIR) -> np.ndarray:
     return pq.read_table(existing_raw(split, root), columns=["label"])["label"].to_numpy()
 
 
-def raw_images(split: str, rows: np.ndarray, root: Path = RAW_DIR) -> Iterator[tuple[str, bytes]]:
-    """(where it came from, encoded bytes) of the raw split's `rows` (ascending), read a batch at a time."""
-    import pyarrow as pa
+@dataclass(frozen=True)
+class RawGroup:
+    """Some rows of one row group of a raw split (download bounds its row groups), and the position in
+    the processed split of the first of them: a task that a decoding worker reads and writes by itself."""
+
+    path: Path
+    group: int
+    rows: np.ndarray  # in the row group, ascending
+    position: int
+
+
+def raw_groups(split: str, rows: np.ndarray, per_task: int, root: Path = RAW_DIR) -> list[RawGroup]:
+    """The raw split's `rows` (ascending) as RawGroups of at most `per_task` rows; groups holding none of them are left out."""
     import pyarrow.parquet as pq
 
     assert np.all(np.diff(rows) > 0), "rows must ascend"
-    position = 0
-    for batch in pq.ParquetFile(existing_raw(split, root)).iter_batches(batch_size=RAW_BATCH_IMAGES, columns=["image"]):
-        first, end = np.searchsorted(rows, [position, position + batch.num_rows])
-        if end > first:
-            images = batch.column(0).take(pa.array(rows[first:end] - position))
-            yield from zip(images.field("path").to_pylist(), images.field("bytes").to_pylist())
-        position += batch.num_rows
+    path = existing_raw(split, root)
+    metadata, tasks, start = pq.ParquetFile(path).metadata, [], 0
+    for group in range(metadata.num_row_groups):
+        end = start + metadata.row_group(group).num_rows
+        first, last = np.searchsorted(rows, [start, end])
+        for at in range(first, last, per_task):
+            tasks.append(RawGroup(path, group, rows[at : min(at + per_task, last)] - start, int(at)))
+        start = end
+    return tasks
+
+
+def read_raw_group(task: RawGroup) -> list[tuple[str, bytes]]:
+    """(where it came from, encoded bytes) of the task's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = pq.ParquetFile(task.path).read_row_group(task.group, columns=["image"]).column(0).combine_chunks().take(pa.array(task.rows))
+    return list(zip(images.field("path").to_pylist(), images.field("bytes").to_pylist()))
 
 
 def existing_raw(split: str, root: Path) -> Path:
@@ -107,7 +126,7 @@ def existing_raw(split: str, root: Path) -> Path:
 
 def read_raw(split: str, root: Path = RAW_DIR) -> pd.DataFrame:
     """Columns: image (encoded bytes), path (where the image came from), label (int). The whole split in
-    memory: for a few images (export, tests); preprocess streams them (raw_images)."""
+    memory: for a few images (export, tests); preprocess reads a row group at a time (raw_groups)."""
     path = existing_raw(split, root)
     import pandas as pd  # here, so the stages that only need a path (inputs, on every dvc repro) start fast
 
@@ -174,9 +193,10 @@ def processed_path(split: str, root: Path = PROCESSED_DIR) -> Path:
     return root / f"{split}.safetensors"
 
 
-def write_split(path: Path, labels: np.ndarray, index: np.ndarray, classes: list[str], image_shape: tuple[int, int, int], pixels: Iterable[bytes]) -> None:
-    """A processed split, its pixels (uint8 3×H×W images, one after another) written as they come in chunks:
-    byte for byte what safetensors' own save_file writes (index and labels first, then pixels)."""
+def create_split(path: Path, labels: np.ndarray, index: np.ndarray, classes: list[str], image_shape: tuple[int, int, int]) -> int:
+    """A processed split's file with room for its pixels (uint8 3×H×W images, one after another), to be
+    written in place: where they start. Once filled in, it is byte for byte what safetensors' own save_file
+    writes (index and labels first, then pixels)."""
     n, image_bytes = len(labels), math.prod(image_shape)
     header = {"__metadata__": {"classes": json.dumps(classes, ensure_ascii=False)}}
     offset = 0
@@ -186,22 +206,22 @@ def write_split(path: Path, labels: np.ndarray, index: np.ndarray, classes: list
     header["pixels"] = {"dtype": "U8", "shape": [n, *image_shape], "data_offsets": [offset, offset + n * image_bytes]}
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    written = 0
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(encoded)) + encoded)
         out.write(np.asarray(index, dtype="<i8").tobytes() + np.asarray(labels, dtype="<i8").tobytes())
-        for chunk in pixels:
-            out.write(chunk)
-            written += len(chunk)
-    if written != n * image_bytes:
-        raise AssertionError(f"{path}: {written} bytes of pixels written, {n * image_bytes} expected")
+        start = out.tell()
+        out.truncate(start + n * image_bytes)
+    return start
 
 
 def save_split(split: TensorSplit, path: Path) -> None:
     """Torch tensors or numpy arrays: the file is the same (safetensors stores dtype, shape and bytes)."""
     pixels = np.ascontiguousarray(np.asarray(split.pixels))
     assert pixels.dtype == np.uint8 and pixels.ndim == 4 and pixels.shape[1] == 3
-    write_split(path, np.asarray(split.labels), np.asarray(split.index), split.classes, pixels.shape[1:], [pixels.tobytes()])
+    start = create_split(path, np.asarray(split.labels), np.asarray(split.index), split.classes, pixels.shape[1:])
+    with open(path, "r+b") as out:
+        out.seek(start)
+        out.write(pixels.tobytes())
 
 
 def load_split(name: str, root: Path = PROCESSED_DIR) -> TensorSplit:

@@ -8,15 +8,14 @@ resized once: by default (`data.storage_size: null`) to the model's input size w
 processor's filter, so the model sees what its processor would make of the original file; to a
 `data.storage_size` square (bilinear) when that is set. Resizing to the model's input size, where
 still needed, and normalising happen later, in batches.
-Images are read, decoded on every core and written a chunk at a time (stages/decoding.py): memory does not
-grow with the number of images.
+Images are read, decoded on every core and written in place a few at a time (stages/decoding.py): memory
+does not grow with the number of images.
 """
 from __future__ import annotations
 
 import math
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.dataformat import PROCESSED_DIR, processed_path, raw_images, raw_labels, read_classes, split_off, stratified_share, write_split
-from stages.decoding import chunked, decode_pixels, image_sizes, ordered_map, worker_pool
+from stages.dataformat import PROCESSED_DIR, create_split, processed_path, raw_groups, raw_labels, read_classes, split_off, stratified_share
+from stages.decoding import CHUNK_BYTES, CHUNK_IMAGES, decode_into, image_sizes, unordered_map, worker_pool
 from stages.errors import PipelineError
 from stages.inputsize import model_input
 from stages.params import Params, load_params
@@ -86,10 +85,8 @@ SOURCES = {"train": "train", "val": "train", "test": "test"}  # processed split 
 
 def storage_for(rows: dict[str, np.ndarray], params: Params, pool: ProcessPoolExecutor | None) -> Storage:
     """The native size when every drawn image shares one, else the square to resize to and how."""
-    sizes = set()
-    for name, source in SOURCES.items():
-        for _, found in ordered_map(image_sizes, chunked(raw_images(source, rows[name])), pool):
-            sizes |= found
+    tasks = [task for name, source in SOURCES.items() for task in raw_groups(source, rows[name], CHUNK_IMAGES)]
+    sizes = set().union(*unordered_map(image_sizes, tasks, pool))
     if len(sizes) == 1:
         return Storage(sizes.pop(), None, "native size")
     if params.data.storage_size is not None:
@@ -100,18 +97,17 @@ def storage_for(rows: dict[str, np.ndarray], params: Params, pool: ProcessPoolEx
 
 
 def write_processed(name: str, rows: np.ndarray, labels: np.ndarray, classes: list[str], storage: Storage, pool: ProcessPoolExecutor | None) -> None:
-    """Decode (in the pool's processes) straight into uint8 pixels, streamed to the split's file a chunk at a
-    time: no float copies, and no more than a few chunks in memory, however many images."""
+    """Decode straight into uint8 pixels, each task's written into its place in the split's file by the
+    worker that decoded it: no float copies, and a few tasks' images in memory, however many there are."""
     width, height = storage.size
-    decode = partial(decode_pixels, size=storage.size, resample=storage.resample)
+    path = processed_path(name)
+    start = create_split(path, labels[rows], rows, classes, (3, height, width))
+    tasks = raw_groups(SOURCES[name], rows, per_task=max(1, min(CHUNK_IMAGES, CHUNK_BYTES // (3 * width * height))))
+    decode = partial(decode_into, out=path, start=start, size=storage.size, resample=storage.resample)
     with tqdm(total=len(rows), desc=f"preprocess {name}", unit="img", mininterval=1) as progress:
-
-        def pixels() -> Iterator[bytes]:
-            for chunk, decoded in ordered_map(decode, chunked(raw_images(SOURCES[name], rows)), pool):
-                progress.update(len(chunk))
-                yield decoded
-
-        write_split(processed_path(name), labels[rows], rows, classes, (3, height, width), pixels())
+        for written in unordered_map(decode, tasks, pool):
+            progress.update(written)
+    assert progress.n == len(rows), f"{progress.n} of {len(rows)} {name} images written"
 
 
 def main() -> None:

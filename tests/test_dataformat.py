@@ -57,20 +57,25 @@ def test_tensor_split_round_trip_is_compact(tmp_path):
     assert per_image < 3.2 * 1024  # 3,072 pixel bytes + label + index, vs ~605 KB as float32 224×224
 
 
-def test_a_split_written_in_chunks_is_what_safetensors_writes(tmp_path):
-    """write_split streams the pixels; the file is byte for byte safetensors' save_file (class names beyond ASCII too)."""
+def test_a_split_filled_in_out_of_order_is_what_safetensors_writes(tmp_path):
+    """create_split leaves room for the pixels, which decoding workers write in any order; the file is then
+    byte for byte safetensors' save_file (class names beyond ASCII too), and so is save_split's."""
     from safetensors.numpy import save_file
 
-    from stages.dataformat import write_split
+    from stages.dataformat import create_split
 
     rng = np.random.default_rng(0)
     pixels, labels, index = rng.integers(0, 256, (5, 3, 4, 6), dtype=np.uint8), np.array([0, 1, 2, 1, 0]), np.array([3, 9, 11, 20, 21])
     classes = ["chat", "chien", "éléphant"]
     save_file({"pixels": pixels, "labels": labels, "index": index}, str(tmp_path / "library.safetensors"), metadata={"classes": json.dumps(classes, ensure_ascii=False)})
-    write_split(tmp_path / "chunks.safetensors", labels, index, classes, (3, 4, 6), [pixels[:2].tobytes(), pixels[2:].tobytes()])
-    assert (tmp_path / "chunks.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
-    with pytest.raises(AssertionError, match="bytes of pixels written"):
-        write_split(tmp_path / "short.safetensors", labels, index, classes, (3, 4, 6), [pixels[:2].tobytes()])
+    start = create_split(tmp_path / "in-place.safetensors", labels, index, classes, (3, 4, 6))
+    with open(tmp_path / "in-place.safetensors", "r+b") as out:
+        for first, end in ((2, 5), (0, 2)):
+            out.seek(start + first * pixels[0].nbytes)
+            out.write(pixels[first:end].tobytes())
+    assert (tmp_path / "in-place.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+    save_split(TensorSplit(pixels, labels, index, classes), tmp_path / "saved.safetensors")
+    assert (tmp_path / "saved.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("mode, file", [("I;16", "deep.png"), ("I", "deep.tif")])  # PIL writes no mode-I PNG; TIFF keeps it

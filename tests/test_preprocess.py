@@ -124,7 +124,7 @@ def test_every_core_stores_the_same_files_as_one(mixed_tree, tmp_path, monkeypat
     run_preprocess(mixed_tree, tmp_path / "one", monkeypatch, model__name=efficientnet_lite.NAME)
     monkeypatch.setattr(decoding, "PARALLEL_MIN_IMAGES", 0)
     monkeypatch.setattr(decoding, "cores", lambda: 2)
-    monkeypatch.setattr(decoding, "CHUNK_IMAGES", 4)  # several chunks in flight, to be put back in order
+    monkeypatch.setattr(preprocess, "CHUNK_IMAGES", 4)  # several tasks, written out of order
     run_preprocess(mixed_tree, tmp_path / "two", monkeypatch, model__name=efficientnet_lite.NAME)
     for split in ("train", "val", "test"):
         name = f"data/processed/{split}.safetensors"
