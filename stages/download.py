@@ -19,6 +19,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -77,6 +78,11 @@ def images_in_folder(root: Path) -> Iterator[tuple[str, str, Path]]:
         found = _split_and_class(name)
         if found:
             yield (*found, path)
+
+
+def records_from_folder(root: Path) -> Iterator[Record]:
+    for split, label, file in images_in_folder(root):
+        yield (split, label, str(file.relative_to(root)), file.read_bytes())
 
 
 def images_in_tar(archive: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
@@ -161,16 +167,9 @@ def records_from_datasets(dsets, name: str) -> Dataset:
 def load_local(path: Path) -> Dataset:
     """Listed first (names only), so the classes are known and checked before any image is read."""
     if path.is_dir():
-        listed = ((split, label) for split, label, _ in images_in_folder(path))
-
-        def records() -> Iterator[Record]:
-            for split, label, file in images_in_folder(path):
-                yield (split, label, str(file.relative_to(path)), file.read_bytes())
+        listed, records = ((split, label) for split, label, _ in images_in_folder(path)), partial(records_from_folder, path)
     else:
-        listed = list_archive(path)
-
-        def records() -> Iterator[Record]:
-            return records_from_archive(path)
+        listed, records = list_archive(path), partial(records_from_archive, path)
 
     per_split = {split: Counter() for split in SPLITS}
     for split, label in tqdm(listed, desc=f"listing {path.name}", unit="img", mininterval=1):
