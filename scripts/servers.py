@@ -76,11 +76,14 @@ def mlflow_server(backend_uri: str, artifacts: str | Path, env: dict[str, str] |
 
 
 @contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3-compatible server, in memory; yields its endpoint URL."""
+def s3_server(unchecked_actions: int | None = None) -> Iterator[str]:
+    """moto's S3-compatible server, in memory; yields its endpoint URL. It accepts any credentials, unless
+    `unchecked_actions` is given: after that many requests, only the access keys of IAM users created in
+    it get in (moto's INITIAL_NO_AUTH_ACTION_COUNT)."""
     url = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
-    with process_group(f"moto_server on {url}", cmd, lambda: answers(url)):
+    env = None if unchecked_actions is None else os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": str(unchecked_actions)}
+    with process_group(f"moto_server on {url}", cmd, lambda: answers(url), env):
         yield url
 
 

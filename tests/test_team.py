@@ -1,7 +1,8 @@
 """Working as a team: the pipeline's data and models shared through a DVC remote on a real S3-compatible
 server, and tracked on the team's MLflow server (PostgreSQL, artifacts in that object store). moto's
 server mode (the `team` extra) is started by the tests on a free loopback port; it keeps its objects in
-memory and accepts any credentials, but some must be given, as with real S3."""
+memory and accepts any credentials (some must be given, as with real S3), except where a test makes it
+check them."""
 from __future__ import annotations
 
 import hashlib
@@ -143,6 +144,40 @@ def test_a_stopped_server_fails_with_dvcs_error_lines_and_keeps_the_cache(team, 
     after = digests(team["cache"], ["."]), digests(second.parent / "second-cache", ["."])
     assert after == before
     assert digests(second, ["data/raw"]) == {k: v for k, v in team["outputs"].items() if k.startswith("data/raw/")}
+
+
+def test_a_wrong_credential_fails_with_dvcs_error_line_and_keeps_the_cache(team):
+    """A server that checks credentials (moto with INITIAL_NO_AUTH_ACTION_COUNT): a wrong secret is refused
+    in DVC's one ERROR line and loses nothing; the right key then pushes."""
+    repo = team["repo"]
+    with s3_server(unchecked_actions=10) as checking:
+        setup = {"endpoint_url": checking, "region_name": "us-east-1", "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam, s3 = boto3.client("iam", **setup), boto3.client("s3", **setup)
+        iam.create_user(UserName="team")
+        key = iam.create_access_key(UserName="team")["AccessKey"]
+        allow = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="team", PolicyName="storage", PolicyDocument=json.dumps(allow))
+        s3.create_bucket(Bucket=BUCKET)
+        # moto counts its unchecked requests from its start, the readiness probe's too: spend the rest
+        for _ in range(10):
+            try:
+                s3.list_buckets()
+            except s3.exceptions.ClientError:
+                break
+        else:
+            pytest.fail("moto never started checking credentials")
+        right = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        dvc(repo, "remote", "modify", "--local", "storage", "endpointurl", checking)
+        try:
+            before = digests(team["cache"], ["."])
+            output = failing(repo, "push", env=right | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+            errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+            assert len(errors) == 1 and "Traceback" not in output, output
+            assert "An error occurred (403)" in errors[0] and "Forbidden" in errors[0], output
+            assert digests(team["cache"], ["."]) == before
+            assert "pushed" in dvc(repo, "push", env=right)  # the same push with the right secret: only the credential was wrong
+        finally:
+            dvc(repo, "remote", "modify", "--local", "--unset", "storage", "endpointurl")
 
 
 def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny_vit, tmp_path):
