@@ -265,7 +265,15 @@ def _store_lock(uri: str) -> Iterator[None]:
 def _experiment_id(name: str, location: str | None) -> str:
     with _store_lock(mlflow.get_tracking_uri()):  # the first call on the store creates it
         experiment = mlflow.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=location)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            # On a tracking server no lock is held: two teammates' first executions may both create it.
+            if err.error_code != databricks_pb2.ErrorCode.Name(databricks_pb2.RESOURCE_ALREADY_EXISTS):
+                raise
+            return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def use_experiment(name: str) -> str:

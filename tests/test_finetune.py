@@ -303,11 +303,12 @@ def test_two_data_parallel_processes_train_as_one_logs_once_and_resume(small_tre
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(tracked.info.run_id, "val_accuracy")] == [1, 2, 3]
 
     # The tolerance (the tiny ViT is a new random one each session, and the two samplers order the images
-    # differently): the training loss averaged over the epochs within 5%, the best validation accuracy within
-    # two images of 15. Measured here: 1.6% and 0 apart; single epochs differed by up to 9%.
+    # differently): the training loss averaged over the epochs within 10%, the best validation accuracy within
+    # two images of 15. Measured: 1.6% apart in one session, 6.4% in another (5% was too tight); single epochs
+    # differed by up to 9%; the best accuracy was the same.
     one, two = curves[1], curves[2]
     print(f"1 process:\n{one}\n2 processes:\n{two}")
-    assert two["train_loss"].mean() == pytest.approx(one["train_loss"].mean(), rel=0.05)
+    assert two["train_loss"].mean() == pytest.approx(one["train_loss"].mean(), rel=0.10)
     assert abs(one["val_accuracy"].max() - two["val_accuracy"].max()) <= 2 / 15 + 1e-9
 
     # killed (each training process) right after the 2nd epoch's checkpoint, then re-run: it resumes

@@ -27,6 +27,23 @@ def test_the_default_store_is_the_project_root_even_in_a_queued_experiments_copy
     assert tracking.artifact_location() is None  # the server decides
 
 
+def test_an_experiment_another_execution_created_meanwhile_is_used_not_an_error(tmp_path, monkeypatch):
+    """Two teammates' first executions on a fresh tracking server (no lock there) both find no experiment;
+    the second one's create_experiment is refused as already existing, and it takes the first one's."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    created = mlflow.create_experiment("shared", artifact_location=(tmp_path / "mlruns").as_uri())  # by the other execution
+    real, looks = mlflow.get_experiment_by_name, []
+
+    def not_yet_then_there(name: str):  # the first look came before the other execution created it
+        looks.append(name)
+        return real(name) if len(looks) > 1 else None
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", not_yet_then_there)
+    assert tracking._experiment_id("shared", None) == created
+
+
 def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_a_queued_experiments_copy(tmp_path, monkeypatch):
     project = tmp_path / "project"
     monkeypatch.chdir(tmp_path)  # as in a queued experiment's copy: not the project root
