@@ -48,7 +48,8 @@ def spawned_pool(workers: int) -> ProcessPoolExecutor:
 
 @contextmanager
 def worker_pool(images: int) -> Iterator[ProcessPoolExecutor | None]:
-    """One process per core for ordered_map over `images` images; None (this process) below PARALLEL_MIN_IMAGES."""
+    """One process per core for ordered_map or unordered_map over `images` images; None (this process)
+    below PARALLEL_MIN_IMAGES."""
     if images < PARALLEL_MIN_IMAGES or cores() == 1:
         yield None
         return
@@ -56,14 +57,14 @@ def worker_pool(images: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
 
 
-def chunked(items: Iterable[tuple], images: int | None = None) -> Iterator[list[tuple]]:
-    """Lists of items that end in (name, encoded bytes): `images` of them (default CHUNK_IMAGES), fewer
-    where they reach CHUNK_BYTES of encoded bytes first."""
-    limit, chunk, size = images or CHUNK_IMAGES, [], 0
+def chunked(items: Iterable[tuple]) -> Iterator[list[tuple]]:
+    """Lists of CHUNK_IMAGES items that end in (name, encoded bytes), fewer where they reach CHUNK_BYTES of
+    encoded bytes first."""
+    chunk, size = [], 0
     for item in items:
         chunk.append(item)
         size += len(item[-1])
-        if len(chunk) >= limit or size >= CHUNK_BYTES:
+        if len(chunk) >= CHUNK_IMAGES or size >= CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
     if chunk:
@@ -102,7 +103,7 @@ def unordered_map(fn: Callable[[Task], Result], tasks: list[Task], pool: Process
             future.cancel()
 
 
-# The workers' functions take items that end in (name, encoded bytes): the name is what an error shows.
+# The workers' functions. An image comes as (name, encoded bytes): the name is what an error shows.
 
 def check_decodes(images: list[tuple]) -> None:
     """Decode every image fully; a corrupt one raises, naming it."""
