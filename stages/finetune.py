@@ -329,8 +329,9 @@ def warn_if_near_chance(best_val_accuracy: float, n_classes: int, params: Params
         )
 
 
-def train_and_save(params: Params, device: str, precision: str, checkpoints: Checkpoints) -> None:
-    """Train (in this process, or as one of the data-parallel ones), calibrate, and write the model and metrics/."""
+def train_and_save(params: Params, device: str, precision: str, checkpoints: Checkpoints | None) -> None:
+    """Train (in this process, or as one of the data-parallel ones), calibrate, and write the model and metrics/.
+    `checkpoints`: the full training's; None in head mode."""
     train, val = load_split("train"), load_split("val")
     set_seed(params.seed)  # the new head's initial weights
     started = time.perf_counter()
@@ -406,6 +407,10 @@ def main() -> None:
         print(f"finetune: head mode trains the head in this one process (seconds); train.processes={params.train.processes} applies to full training")
     if device == "cuda" and processes > torch.cuda.device_count():  # NCCL: one GPU per process
         raise PipelineError(f"train.processes={processes} but this machine has {torch.cuda.device_count()} GPU(s); set train.processes to at most that")
+    if params.train.mode == "head":  # seconds on cached features: nothing to checkpoint or resume
+        train_and_save(params, device, precision, checkpoints=None)
+        log_results(device, precision)
+        return
     with checkpoints_for(inputs_fingerprint(params, device, precision), processes) as checkpoints:
         if processes > 1:
             train_in_processes(params, checkpoints)

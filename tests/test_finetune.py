@@ -67,6 +67,7 @@ def test_a_finite_loss_trains_as_before(processed, tmp_path, monkeypatch):
         features.main()
     finetune.main()
     assert (FINETUNED_DIR / "config.json").exists() and yaml.safe_load(finetune.METRICS_FILE.read_text())["best_epoch"] in (1, 2)
+    assert not (project / checkpoints.CHECKPOINTS_DIR).exists()  # head mode trains in seconds: no checkpoint folder
 
 
 def fake_checkpoint(folder: Path, step: int, best: int | None) -> Path:
