@@ -1,11 +1,14 @@
-"""Screenshot the MLflow UI's comparison of two runs that differ in `fraction`, in headless Chromium.
+"""Screenshot the MLflow UI's comparison of runs that differ only in `fraction`, in headless Chromium.
 
     python scripts/compare_runs.py                        # the project's mlflow.db -> docs/mlflow_compare.png
     python scripts/compare_runs.py --tracking-uri http://127.0.0.1:5000 --out /tmp/compare.png
 
 Starts `mlflow server` on loopback over the store (unless given an http:// tracking URI), picks the
-two newest finished runs with different `fraction`, opens their comparison in Debian's `chromium`
-through Playwright, checks that test accuracy, fraction and the hardware show, and saves the page.
+newest finished run and, for every other `fraction`, the newest finished run whose other parameters
+(but `seed`) are the same, and opens their comparison in Debian's `chromium` through Playwright: the
+scatter plot of `test_accuracy` against `fraction` on top, then only the parameters that differ
+(paths the runs share, such as `data.source`, stay out of view), the metrics scrolled to
+`test_accuracy`, and the tags with the hardware. It checks that these show and saves the page.
 """
 from __future__ import annotations
 
@@ -33,8 +36,12 @@ ROW_IN_VIEW = """([grid, name]) => {
 }"""
 
 
+ACROSS = ("fraction", "seed")  # what the compared runs may differ in
+
+
 def runs_to_compare(url: str, experiment: str) -> tuple[str, list[str]]:
-    """(experiment id, [two newest finished run ids with different fraction]) through the REST API."""
+    """(experiment id, [the newest finished run's id, and per other fraction the newest finished run with
+    the same parameters but fraction and seed, by fraction]) through the REST API."""
     got = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=10)
     got.raise_for_status()
     experiment_id = got.json()["experiment"]["experiment_id"]
@@ -45,13 +52,18 @@ def runs_to_compare(url: str, experiment: str) -> tuple[str, list[str]]:
     )
     found.raise_for_status()
     by_fraction: dict[str, str] = {}
+    configuration = None
     for run in found.json().get("runs", []):
-        fraction = next((p["value"] for p in run["data"].get("params", []) if p["key"] == "fraction"), None)
-        if fraction is not None:
-            by_fraction.setdefault(fraction, run["info"]["run_id"])
+        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+        if "fraction" not in params:
+            continue
+        rest = {k: v for k, v in params.items() if k not in ACROSS}
+        configuration = configuration or rest
+        if rest == configuration:
+            by_fraction.setdefault(params["fraction"], run["info"]["run_id"])
     if len(by_fraction) < 2:
-        raise SystemExit(f"error: experiment {experiment!r} has no two finished runs with different fraction; run e.g. dvc exp run -S fraction=0.02")
-    return experiment_id, list(by_fraction.values())[:2]
+        raise SystemExit(f"error: experiment {experiment!r} has no two finished runs that differ only in fraction; run e.g. dvc exp run -S fraction=0.02")
+    return experiment_id, [by_fraction[f] for f in sorted(by_fraction, key=float)]
 
 
 def shown(page, text: str):
@@ -67,11 +79,15 @@ def screenshot_comparison(url: str, experiment_id: str, run_ids: list[str], out:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root, as in CI, has no sandbox
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page = browser.new_page(viewport={"width": 1200 + 200 * len(run_ids), "height": 2400})
             page.goto(page_url)
             shown(page, "best_epoch").wait_for(timeout=60_000)
-            for section in ("Visualizations", "Artifacts"):  # folded, so that params, metrics and tags fit one screen
-                page.get_by_text(section, exact=True).first.click()
+            page.get_by_text("Artifacts", exact=True).first.click()  # folded, so that the rest fits one screen
+            page.get_by_text("Scatter Plot", exact=True).first.click()
+            for axis, name in (("x", "fraction"), ("y", "test_accuracy")):
+                page.locator(f"#{axis}-axis-selector").click()
+                page.get_by_role("option", name=name, exact=True).click()
+            page.get_by_text("Show diff only", exact=True).first.click()  # hides what every run shares
             # The metrics table renders only the rows in its 300 px window, names and values in two grids:
             # scroll both, a row at a time, until the accuracy's row is inside the window.
             box = shown(page, "best_epoch").locator("xpath=ancestor::div[contains(@class, 'collapse-content-box')]")
