@@ -9,9 +9,12 @@ import pandas as pd
 
 from bench.common import RESULTS, machine
 
+MODE_ORDER = {"head": 0, "full": 1, "head-then-full": 2}
+
 
 def main() -> None:
     runs = pd.read_csv(RESULTS / "accuracy_runs.csv")
+    runs = runs.sort_values(["model", "mode", "fraction", "seed"], key=lambda c: c.map(MODE_ORDER) if c.name == "mode" else c)
     summary = runs.groupby(["model", "mode", "fraction"], sort=False).agg(
         seeds=("seed", "count"),
         accuracy_mean=("accuracy", "mean"),
@@ -35,8 +38,9 @@ def main() -> None:
     ]
     for (model, mode, fraction), row in summary.iterrows():
         ece = "-" if pd.isna(row.ece) else f"{row.ece:.3f} ({row.ece_at_1:.3f})"
+        spread = "" if pd.isna(row.accuracy_std) else f" ± {row.accuracy_std:.3f}"  # one seed: no spread
         lines.append(
-            f"| {model} | {mode} | {fraction} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f} ± {row.accuracy_std:.3f} | {ece} | {row.wall_seconds_median:.0f} |"
+            f"| {model} | {mode} | {fraction} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f}{spread} | {ece} | {row.wall_seconds_median:.0f} |"
         )
     best = summary["accuracy_mean"].groupby(level="fraction").idxmax()
     lines += ["", "Best per share: " + "; ".join(f"{fraction}: {model} {mode} ({summary.loc[(model, mode, fraction), 'accuracy_mean']:.3f})" for fraction, (model, mode, _) in best.items()) + "."]

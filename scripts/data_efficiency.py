@@ -43,10 +43,16 @@ def experiments() -> pd.DataFrame:
     """One row per experiment or commit of this repository's history that has a test accuracy: its parameters and results."""
     import dvc.api
 
-    rows = pd.DataFrame(dvc.api.exp_show(num=-1))
+    return with_results(pd.DataFrame(dvc.api.exp_show(num=-1)))
+
+
+def with_results(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `dvc exp show` that hold results, the metrics as numbers, renamed as METRICS says. DVC
+    writes `!` where a commit has no metrics file (e.g. the project's first commit)."""
     if rows.empty or not set(METRICS) <= set(rows.columns):
         return pd.DataFrame()
     rows = rows[rows["rev"] != "workspace"]  # the workspace repeats a commit's or an applied experiment's results
+    rows = rows.assign(**{key: pd.to_numeric(rows[key], errors="coerce") for key in METRICS})
     return rows.dropna(subset=["accuracy"]).rename(columns=METRICS)
 
 
