@@ -17,3 +17,6 @@ if [ ! -d "$work/.git" ]; then
   git add -A && git commit -qm project
 fi
 cd "$work"
+# A reused repo: the workspace back as committed (the last dvc exp run left its results there; they
+# live on in that experiment), so the benchmark commits nothing new on top of it.
+git reset -q --hard HEAD
