@@ -24,6 +24,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: scripts.servers
 
+from scripts.data_efficiency import ACROSS  # noqa: E402  (runs on one line of the curve: they differ only in these)
 from scripts.servers import mlflow_server  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -34,9 +35,6 @@ ROW_IN_VIEW = """([grid, name]) => {
     const [outer, inner] = [grid.getBoundingClientRect(), row.getBoundingClientRect()];
     return inner.top >= outer.top && inner.bottom <= outer.bottom;
 }"""
-
-
-ACROSS = ("fraction", "seed")  # what the compared runs may differ in
 
 
 def runs_to_compare(url: str, experiment: str) -> tuple[str, list[str]]:
