@@ -87,11 +87,15 @@ def s3_server(unchecked_actions: int | None = None) -> Iterator[str]:
         yield url
 
 
-def create_bucket(endpoint: str, name: str) -> None:
+def s3_client(endpoint: str):
+    """A boto3 S3 client of the object store at `endpoint`, with S3_CREDENTIALS."""
     import boto3
 
-    keys = {"aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys).create_bucket(Bucket=name)
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{k.lower(): v for k, v in S3_CREDENTIALS.items()})
+
+
+def create_bucket(endpoint: str, name: str) -> None:
+    s3_client(endpoint).create_bucket(Bucket=name)
 
 
 def postgres_bin(program: str) -> str:

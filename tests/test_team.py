@@ -19,7 +19,7 @@ import mlflow
 
 import pytest
 
-from scripts.servers import S3_CREDENTIALS, create_bucket, s3_server
+from scripts.servers import create_bucket, s3_client, s3_server
 from scripts.team_server import BUCKET as SERVER_BUCKET
 from scripts.team_server import team_server
 from tests.test_pipeline import (
@@ -212,7 +212,7 @@ def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny
             repos_by_run = {runs[lr]["info"]["run_id"]: repo for lr, repo in repos.items()}
             (first, second) = (runs[lr]["info"] for lr in repos)
             assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]  # they ran at once
-            store = boto3.client("s3", endpoint_url=server.s3_endpoint, region_name="us-east-1", **{k.lower(): v for k, v in S3_CREDENTIALS.items()})
+            store = s3_client(server.s3_endpoint)
             stored = [o["Key"] for o in store.list_objects_v2(Bucket=SERVER_BUCKET)["Contents"]]
             for lr, repo in repos.items():
                 check_tracked_run(rest, runs[lr], repo, ran_stages(outputs[lr]))
