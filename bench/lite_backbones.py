@@ -39,7 +39,8 @@ def main() -> None:
         model = EfficientNet.from_name(variant)
         model.load_state_dict(torch.load(weights_file(variant), map_location="cpu", weights_only=True))
         model.eval()
-        transform, head, model._fc = PixelTransform(image_processor(variant)), model._fc, torch.nn.Identity()
+        head, model._fc = model._fc, torch.nn.Identity()  # the model now returns the pooled features
+        transform = PixelTransform(image_processor(variant))
         with torch.no_grad():
             features = torch.cat([model(transform(batch)) for batch in pixels.split(50)])
             top5 = head(features).topk(5).indices
