@@ -21,7 +21,7 @@ from stages.decoding import decode_pixels
 from stages.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
+ARCHIVE = ROOT / "data" / "cifar10-jpg.tgz"  # CIFAR-10, committed (data/README.md)
 RESULTS = ROOT / "bench" / "results"
 REPEATS = 3
 SAMPLE_S = 0.02  # how often run_stage samples the memory of a stage's processes

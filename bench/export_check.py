@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tgz"
+ARCHIVE = ROOT / "data" / "cifar10-jpg.tgz"
 
 
 @contextmanager

@@ -11,7 +11,7 @@ out="$root/bench/results/offline_job.md"
 {
   echo "# Offline job: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, torch $(python -c 'import torch; print(torch.__version__)')"
   echo
-  echo "Overrides: ${offline[*]//$archive/../shared/data/cifar10-jpg.tgz}"
+  echo "Overrides: ${offline[*]//$archive/data/cifar10-jpg.tgz}"
   echo
   echo "| command | wall s | stages run | test accuracy (95% CI) | test images | train images |"
   echo "| --- | --- | --- | --- | --- | --- |"

@@ -72,7 +72,7 @@ def main() -> None:
     seconds, peak_mib = run_stage("preprocess", full, work)
     processed = sum(f.stat().st_size for f in (work / "data/processed").glob("*.safetensors"))
     notes = [
-        f"Images: the first {n:,} of the CIFAR-10 train split from ../shared/data/cifar10-jpg.tgz; median of 3 runs after a warm-up.",
+        f"Images: the first {n:,} of the CIFAR-10 train split from data/cifar10-jpg.tgz; median of 3 runs after a warm-up.",
         f"Speed-up over the seed: **{seed_seconds / all_cores_seconds:.1f}×** images/s on {cores()} cores ({seed_seconds / one_core_seconds:.1f}× on one); "
         f"**{(seed_file.stat().st_size / n) / (ours_file.stat().st_size / n):.0f}×** smaller per image.",
         f"{cores()} cores against one: **{one_core_seconds / all_cores_seconds:.2f}×** the decoding throughput (the worker processes started before the timing).",

@@ -2,7 +2,7 @@
 
 Three local folders, each run through the download stage and then the preprocess stage (fraction 1.0,
 test_fraction 1.0: every image) as child processes, on idle cores:
-- CIFAR-10 from ../shared, 60,000 32×32 JPEGs;
+- CIFAR-10 from data/cifar10-jpg.tgz, 60,000 32×32 JPEGs;
 - the same five times over, 300,000 images (each file hard-linked under five names);
 - 20,000 photos of mixed sizes (CIFAR images enlarged to 160-480 px a side, JPEG quality 90), which
   preprocess stores at EfficientNet-Lite0's input size, 224×224.

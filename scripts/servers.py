@@ -98,9 +98,13 @@ def create_bucket(endpoint: str, name: str) -> None:
     s3_client(endpoint).create_bucket(Bucket=name)
 
 
+def find_postgres_bin(program: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian's packages put it (not on PATH); None without the server."""
+    return shutil.which(program) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), reverse=True)), None)
+
+
 def postgres_bin(program: str) -> str:
-    """A PostgreSQL server program: on PATH, or where Debian's packages put it (not on PATH)."""
-    found = shutil.which(program) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), reverse=True)), None)
+    found = find_postgres_bin(program)
     if not found:
         raise RuntimeError(f"PostgreSQL's {program} not found: install the server (apt-get install postgresql)")
     return found

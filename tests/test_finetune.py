@@ -33,7 +33,7 @@ def processed(small_tree, tiny_vit, tmp_path_factory):
     set_params(
         project,
         **{"fraction": 0.5, "data__source": str(small_tree), "data__test_fraction": 0.5, "model__name": str(tiny_vit),
-           "train__epochs": 2, "train__batch_size": 8, "train__precision": "fp32"},
+           "train__mode": "full", "train__epochs": 2, "train__batch_size": 8, "train__precision": "fp32"},
     )
     with working_directory(project):
         write_raw(resolve_source(str(small_tree)), str(small_tree))

@@ -24,10 +24,12 @@ def with_value(key: str, value) -> dict:
 
 
 def test_repo_params_load_with_the_documented_defaults():
+    """The embedded offline job: the committed CIFAR-10 archive, the embedded Lite0, head mode at 1%."""
     params = load_params(ROOT / "params.yaml")
     assert params.fraction == 0.01
-    assert params.data.source == "uoft-cs/cifar10"
-    assert params.model.name == "google/vit-base-patch16-224"
+    assert params.data.source == "data/cifar10-jpg.tgz" and (ROOT / params.data.source).is_file()
+    assert params.model.name == "efficientnet-lite0" and params.train.mode == "head"
+    assert (params.train.lr, params.train.epochs) == (3e-3, 30)  # head mode's auto recipe
     assert params.data.storage_size is None  # mixed-size images are stored at the model's input size
     # at least 1,000 CIFAR-10 test images are evaluated by default
     assert params.data.test_fraction * 10_000 >= 1_000

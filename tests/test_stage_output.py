@@ -78,7 +78,7 @@ def project(small_tree, tmp_path_factory) -> Path:
         project,
         **{
             "fraction": 1.0, "data__source": str(small_tree), "data__test_fraction": 1.0, "model__name": "efficientnet-lite0",
-            "model__image_size": 32, "train__epochs": 1, "train__lr": 1e-3, "train__precision": "fp32",
+            "model__image_size": 32, "train__mode": "full", "train__epochs": 1, "train__lr": 1e-3, "train__precision": "fp32",
             "export__check_images": 18, "export__max_mean_probability_diff": 0.99,  # about the output here, not the export check
         },
     )

@@ -19,9 +19,10 @@ import mlflow
 
 import pytest
 
-from scripts.servers import create_bucket, s3_client, s3_server
+from scripts.servers import create_bucket, find_postgres_bin, s3_client, s3_server
 from scripts.team_server import BUCKET as SERVER_BUCKET
 from scripts.team_server import team_server
+from tests.conftest import require_debian_package
 from tests.test_pipeline import (
     ALWAYS, SECRET, Rest, a_test_image, as_dict, check_tracked_run, commit, dvc, make_repo, ran_stages, read_json, run, status_stages,
 )
@@ -184,6 +185,7 @@ def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny
     """scripts/team_server.py's server (MLflow on PostgreSQL, artifacts in the object store) tracks two
     teammates' executions running at the same time from two clones: two runs, each holding its own
     clone's params, metrics, system metrics and artifacts, and each clone's model registered."""
+    require_debian_package("postgresql", installed=find_postgres_bin("postgres") is not None)
     # PostgreSQL runs as the `postgres` user under root: its folder must not be under pytest's private tmp
     server_dir = Path(tempfile.mkdtemp(prefix="team-server-"))
     server_dir.chmod(0o755)
