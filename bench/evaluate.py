@@ -17,7 +17,7 @@ import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite with
 from bench.common import cifar_images, cifar_work_dir, median_seconds, write_result
 from bench.models import ARCHITECTURES, save_model
 from stages.dataformat import read_raw
-from stages.hardware import pick_device_and_precision
+from stages.hardware import pick_device
 from stages.modeling import PixelTransform, forward_batches
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     n = args.images
     split = cifar_images(n, "test")
     files = [Image.open(io.BytesIO(data)) for data in read_raw("test", cifar_work_dir() / "data/raw")["image"][:n]]
-    device, precision = pick_device_and_precision("auto")
+    device = pick_device()
     rows = []
     for arch in ARCHITECTURES:
         model_dir = save_model(arch, Path(tempfile.mkdtemp()) / arch)
@@ -42,7 +42,7 @@ def main() -> None:
                 classify(image)
 
         def ours() -> None:
-            for _ in forward_batches(model, transform, split.pixels, args.batch_size, device, precision, arch):
+            for _ in forward_batches(model, transform, split.pixels, args.batch_size, device, arch):
                 pass
 
         seed_s, ours_s = median_seconds(seed), median_seconds(ours)

@@ -79,7 +79,7 @@ def resized(model_dir: Path, size: int) -> Path:
 
 def accuracy(model: torch.nn.Module, model_dir: Path, test: TensorSplit) -> float:
     transform = PixelTransform(AutoImageProcessor.from_pretrained(model_dir))
-    logits = torch.cat(list(forward_batches(model, transform, test.pixels, 64, "cpu", "fp32", "accuracy")))
+    logits = torch.cat(list(forward_batches(model, transform, test.pixels, 64, "cpu", "accuracy")))
     return float((logits.argmax(-1) == test.labels).float().mean())
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from stages.dataformat import RAW_DIR, SPLITS, raw_path
 from stages.decoding import CHUNK_IMAGES, check_decodes, chunked, ordered_map, worker_pool
 from stages.errors import PipelineError
-from stages.hub import ARCHIVE_SUFFIXES, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
+from stages.hub import ARCHIVE_SUFFIXES, cached_revision, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.params import load_params
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -43,7 +43,7 @@ class Dataset:
     classes: list[str]
     counts: dict[str, int]  # split -> images
     records: Callable[[], Iterator[Record]]  # every image, each split in a fixed order; read as it is streamed
-    revision: str | None = None  # the Hub commit downloaded; None for a local source or offline
+    revision: str | None = None  # the Hub commit downloaded (or, offline, the cached copy read); None for a local source
 
 
 def check_classes(classes: list[str], source: str) -> None:
@@ -132,7 +132,7 @@ def load_hub(repo_id: str) -> Dataset:
 
     revision = check_on_hub(repo_id, "dataset", "data.source", OFFLINE_HINT)
     loaded = records_from_datasets(datasets.load_dataset(repo_id, revision=revision), repo_id)
-    loaded.revision = revision
+    loaded.revision = revision or cached_revision(repo_id, "dataset", "README.md")  # offline: the cached copy's
     return loaded
 
 

@@ -27,7 +27,6 @@ from stages import figures, tracking
 from stages.calibration import CONFIG_KEY, calibration, expected_calibration_error, reliability_bins
 from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_split, probability_column
 from stages.errors import PipelineError
-from stages.hardware import pick_device_and_precision
 from stages.modeling import split_logits
 from stages.params import Params, load_params
 
@@ -82,11 +81,9 @@ def main() -> None:
     metrics |= calibration(calibrated, labels).as_dict()
     metrics |= {"temperature": temperature, "ece_at_temperature_1": expected_calibration_error(unscaled, labels)}
     speed = {"eval_images_per_second": round(n / seconds, 2)}
-    # The precision the test logits were computed in (here, or by the features stage in head mode).
-    precision = pick_device_and_precision(params.train.precision)[1]
 
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    METRICS_FILE.write_text(json.dumps(metrics | {"precision": precision}, indent=2) + "\n")
+    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
     SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
     per_class = pd.DataFrame(report).T.loc[test.classes].rename_axis("class").reset_index()
     per_class.to_csv(PER_CLASS_FILE, index=False)

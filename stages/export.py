@@ -32,7 +32,7 @@ import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, sho
 from stages import tracking
 from stages.dataformat import EVAL_FILE, EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, decode_rgb, load_split, probability_column, read_raw
 from stages.errors import PipelineError
-from stages.hardware import pick_device_and_precision
+from stages.hardware import pick_device
 from stages.inputsize import processor_size
 from stages.params import load_params
 
@@ -76,8 +76,7 @@ def check_export(target: Path, n_images: int, batch_size: int) -> dict:
         raise PipelineError(f"{PREDICTIONS_FILE} holds no probability for every class ({', '.join(columns)}); re-run the evaluate stage (dvc repro -f evaluate)")
     processor = AutoImageProcessor.from_pretrained(target)
     images, source = check_images(evaluated, processor_size(processor.to_dict()))
-    device, _ = pick_device_and_precision("fp32")
-    classify = pipeline("image-classification", model=str(target), device=device)
+    classify = pipeline("image-classification", model=str(target), device=pick_device())
     try:
         results = classify(images, batch_size=batch_size, top_k=len(labels))
     except Exception as err:  # e.g. a ViT fed another size than its position embeddings take
@@ -141,14 +140,13 @@ def main() -> None:
     not_candidate = candidate_verdict(float(evaluation["accuracy"]), n_classes)
     write_export(FINETUNED_DIR, EXPORT_DIR)
     check = check_export(EXPORT_DIR, params.export.check_images, params.evaluate.batch_size)
-    evaluate_precision = evaluation.get("precision", "fp32")
-    check |= {"evaluate_precision": evaluate_precision, "allowed_mean_probability_diff": params.export.max_mean_probability_diff}
+    check |= {"allowed_mean_probability_diff": params.export.max_mean_probability_diff}
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     METRICS_FILE.write_text(json.dumps(check, indent=2) + "\n")
     print(
         f"export: {EXPORT_DIR}/ classified {check['check_images']} test images ({check['images_from']}) through pipeline(): "
         f"mean probability difference from evaluate {check['mean_probability_diff']:.2e} (allowed {check['allowed_mean_probability_diff']:.2e}; "
-        f"largest {check['max_probability_diff']:.2e}; evaluated in {evaluate_precision}); accuracy {check['pipeline_accuracy']:.4f} vs evaluated {check['evaluated_accuracy']:.4f}"
+        f"largest {check['max_probability_diff']:.2e}); accuracy {check['pipeline_accuracy']:.4f} vs evaluated {check['evaluated_accuracy']:.4f}"
     )
     tracking.log_metrics({f"export_{k}": v for k, v in check.items() if isinstance(v, (int, float))})
     if check["mean_probability_diff"] > check["allowed_mean_probability_diff"]:

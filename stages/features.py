@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from stages import tracking
 from stages.dataformat import PROCESSED_SPLITS, features_path, load_split
 from stages.errors import PipelineError
-from stages.hardware import pick_device_and_precision
+from stages.hardware import pick_device
 from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained
 from stages.params import Params, load_params
 
@@ -28,9 +28,8 @@ def pooled_features(model: torch.nn.Module, transform: PixelTransform, pixels: t
     """Float32 N×D: the input of the model's classifier head for every image."""
     captured: list[torch.Tensor] = []
     hook = classifier_head(model, params.model.name).register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
-    device, precision = pick_device_and_precision(params.train.precision)
     try:
-        for _ in forward_batches(model, transform, pixels, params.evaluate.batch_size, device, precision, desc):
+        for _ in forward_batches(model, transform, pixels, params.evaluate.batch_size, pick_device(), desc):
             pass
     finally:
         hook.remove()

@@ -72,11 +72,17 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def pick_device_and_precision(precision: str) -> tuple[str, str]:
-    """(device, precision) actually used: `auto` picks bf16 where the hardware runs it natively."""
+def pick_device() -> str:
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device_and_precision(precision: str) -> tuple[str, str]:
+    """(device, precision) training uses: `auto` picks bf16 where the hardware runs it natively."""
+    import torch
+
+    device = pick_device()
     if precision == "auto":
         fast = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_fast_bf16()
         precision = "bf16" if fast else "fp32"

@@ -8,8 +8,6 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,8 +18,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Pr
 from stages import efficientnet_lite
 from stages.dataformat import TensorSplit, load_features
 from stages.errors import PipelineError
-from stages.hardware import pick_device_and_precision
-from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
+from stages.hardware import pick_device
+from stages.hub import cached_revision, check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
 from stages.modelfolder import check_local_model
 from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS, Params
@@ -54,10 +52,7 @@ def base_model_revision(name: str) -> str | None:
     None for a local directory or the embedded model, whose contents the inputs stage digests."""
     if name in EMBEDDED_MODELS or not looks_like_hub_id(name):
         return None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, "config.json")
-    return Path(cached).parent.name if isinstance(cached, str) else None
+    return cached_revision(name, "model", "config.json")
 
 
 def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
@@ -118,16 +113,17 @@ def classifier_head(model: PreTrainedModel, name: str) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def forward_batches(
-    model: PreTrainedModel, transform: PixelTransform, pixels: torch.Tensor, batch_size: int, device: str, precision: str, desc: str
-) -> Iterator[torch.Tensor]:
-    """Float32 logits of `pixels` (uint8 N×3×H×W), one batch at a time, in bf16 autocast if asked."""
+def forward_batches(model: PreTrainedModel, transform: PixelTransform, pixels: torch.Tensor, batch_size: int, device: str, desc: str) -> Iterator[torch.Tensor]:
+    """Float32 logits of `pixels` (uint8 N×3×H×W), one batch at a time.
+
+    Always in fp32, whatever train.precision: the features, the test metrics and the export check then
+    do not depend on whether the machine runs bf16 natively, and the export check, which runs the
+    exported model as a user loads it (fp32), compares like with like.
+    """
     model = model.to(device, memory_format=torch.channels_last).eval()
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
         batch = transform(pixels[start : start + batch_size].to(device))
-        with autocast:
-            yield model(pixel_values=batch).logits.float()
+        yield model(pixel_values=batch).logits.float()
 
 
 @torch.inference_mode()
@@ -140,6 +136,5 @@ def split_logits(model: PreTrainedModel, processor: object, split_name: str, spl
     if params.train.mode == "head":
         cached = load_features(split_name, split.labels)
         return classifier_head(model, params.model.name).eval()(cached["features"]).float()
-    device, precision = pick_device_and_precision(params.train.precision)
-    batches = forward_batches(model, PixelTransform(processor), split.pixels, batch_size, device, precision, split_name)
+    batches = forward_batches(model, PixelTransform(processor), split.pixels, batch_size, pick_device(), split_name)
     return torch.cat([batch.cpu() for batch in batches])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pandas as pd
 import pytest
 
 from bench.export_check import alter_processor, cifar_folder, evaluated_project, working_directory
-from stages import efficientnet_lite, export
+from stages import efficientnet_lite, evaluate, export, features, finetune, preprocess
+from stages.download import resolve_source, write_raw
 from stages.dataformat import EVAL_FILE, EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, probability_column
 from stages.errors import PipelineError
 from tests.conftest import ROOT, set_params
@@ -46,7 +48,7 @@ def test_a_near_chance_model_exported_correctly_passes(lite_project, cifar10, ti
     check = run_export(lite_project)
     assert check["evaluated_accuracy"] < 0.3  # near chance (0.1)
     assert check["check_images"] == 100 and check["images_from"] == "original files"
-    assert check["mean_probability_diff"] <= check["allowed_mean_probability_diff"] and check["evaluate_precision"] == "fp32"
+    assert check["mean_probability_diff"] <= check["allowed_mean_probability_diff"]
     # a random tiny ViT at its native 32 px: nothing is resized, the probabilities are the same to float rounding
     vit = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None, "fp32")
     assert run_export(vit)["max_probability_diff"] < 1e-5
@@ -145,3 +147,46 @@ def test_the_check_holds_on_a_handful_of_images(lite_three_classes, tmp_path, ch
     alter_processor(project / FINETUNED_DIR, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     with pytest.raises(PipelineError, match="class probabilities differ from the evaluated ones"):
         run_export(project)
+
+
+def trained_project(root, source, mode: str, image_size: int | None, precision: str):
+    """EfficientNet-Lite0 trained on `source` by the real stages (preprocess, features, finetune, evaluate)."""
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(
+        root, fraction=1.0, data__source=str(source), data__test_fraction=1.0, model__name=efficientnet_lite.NAME, model__image_size=image_size,
+        train__mode=mode, train__epochs=3 if mode == "head" else 1, train__lr=3e-3 if mode == "head" else 1e-4, train__precision=precision,
+        export__check_images=100,
+    )
+    with working_directory(root):
+        write_raw(resolve_source(str(source)), str(source))
+        preprocess.main()
+        for split in ("train", "val", "test"):
+            argv, sys.argv = sys.argv, ["features", split]
+            try:
+                features.main()
+            finally:
+                sys.argv = argv
+        finetune.main()
+        evaluate.main()
+    return root
+
+
+@pytest.mark.parametrize("mode, image_size", [("head", None), ("full", 64)], ids=["head-224px", "full-64px"])
+def test_the_export_check_passes_a_right_export_and_fails_a_wrong_one_in_either_training_precision(cifar10, tmp_path, mode, image_size):
+    """train.precision `auto` is bf16 on GPUs and CPUs with AVX512-BF16 or AMX, fp32 here; forced bf16 is emulated
+    here, with the same numbers. Inference (features, evaluate, the export check) is fp32 in either: in head mode
+    every result is then the same, and a model trained in bf16 is checked fp32 against fp32. (Ten classes: on the
+    3-class folder's 6 validation images the fitted temperature can fall to 0.05, and 20-fold sharper logits
+    turn the processors' 1/255 resize rounding into probability differences above the bound.)"""
+    projects = {precision: trained_project(tmp_path / precision, cifar10, mode, image_size, precision) for precision in ("fp32", "bf16")}
+    finetuned = {precision: json.loads((project / finetune.METRICS_FILE).read_text()) for precision, project in projects.items()}
+    assert [finetuned[p]["precision"] for p in projects] == ["fp32", "bf16"]
+    same = (projects["bf16"] / PREDICTIONS_FILE).read_bytes() == (projects["fp32"] / PREDICTIONS_FILE).read_bytes()
+    assert same == (mode == "head")  # head mode trains the head in fp32 on fp32 features; full mode trains in bf16
+    for precision, project in projects.items():
+        check = run_export(project)
+        assert check["check_images"] == 100 and check["mean_probability_diff"] <= check["allowed_mean_probability_diff"] / 2, precision
+        alter_processor(project / FINETUNED_DIR, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        with pytest.raises(PipelineError, match="class probabilities differ from the evaluated ones"):
+            run_export(project)

@@ -174,11 +174,13 @@ def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -
     assert {f"{stage.replace('@', '_')}_seconds" for stage in timed} <= set(metrics)  # features@test: features_test
     history = rest.get("metrics/get-history", run_id=run_id, metric_key="val_accuracy")["metrics"]
     assert [m["step"] for m in history] == [1, 2]
-    cpu = rest.get("metrics/get-history", run_id=run_id, metric_key="system/cpu_utilization_percentage")["metrics"]
-    # Sampled each second while finetune and evaluate run: how many samples depends on the machine's speed.
-    assert cpu and "system/system_memory_usage_megabytes" in metrics
+    cpu = rest.get("metrics/get-history", run_id=run_id, metric_key="system/cpu_utilization_percentage").get("metrics", [])
+    # Sampled each second while finetune and evaluate run: how many samples depends on the machine's
+    # speed, and a stage over in under a second (head mode on a few images) gets none.
+    if max(metrics.get("finetune_seconds", 0), metrics.get("evaluate_seconds", 0)) >= 2:
+        assert cpu and "system/system_memory_usage_megabytes" in metrics
     assert tags["hardware.device"] == DEVICE and tags["hardware.precision"] == "fp32"
-    assert (finetune["device"], finetune["precision"], evaluation["precision"]) == (DEVICE, "fp32", "fp32")
+    assert (finetune["device"], finetune["precision"]) == (DEVICE, "fp32") and "precision" not in evaluation  # inference is fp32
     assert tags["hardware.cpu"] and int(tags["hardware.cpu_cores"]) >= 1 and float(tags["hardware.ram_gb"]) > 0
     assert tags["version.torch"] and tags["version.dvc"] and tags["version.mlflow"]
     assert tags["git.commit"] == git_head(repo) and tags["model.name"] == params["model.name"]
