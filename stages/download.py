@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 import zipfile
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from stages.dataformat import RAW_DIR, SPLITS, raw_path
 from stages.decoding import CHUNK_IMAGES, check_decodes, chunked, ordered_map, worker_pool
 from stages.errors import PipelineError
-from stages.hub import ARCHIVE_SUFFIXES, cached_revision, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
+from stages.hub import ARCHIVE_SUFFIXES, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.params import load_params
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -131,8 +132,12 @@ def load_hub(repo_id: str) -> Dataset:
     import datasets
 
     revision = check_on_hub(repo_id, "dataset", "data.source", OFFLINE_HINT)
-    loaded = records_from_datasets(datasets.load_dataset(repo_id, revision=revision), repo_id)
-    loaded.revision = revision or cached_revision(repo_id, "dataset", "README.md")  # offline: the cached copy's
+    dsets = datasets.load_dataset(repo_id, revision=revision)
+    if revision is None:  # offline: datasets read its newest cached copy, kept in a folder named for its commit
+        folder = Path(dsets["train"].cache_files[0]["filename"]).parent.name
+        revision = folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
+    loaded = records_from_datasets(dsets, repo_id)
+    loaded.revision = revision
     return loaded
 
 

@@ -50,15 +50,6 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def cached_revision(repo_id: str, repo_type: str, top_level_file: str) -> str | None:
-    """The commit whose snapshot in the Hugging Face cache a load resolved (refs/main's, which an
-    offline load reads too); None where nothing of the repo is cached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, top_level_file, repo_type=repo_type)
-    return Path(cached).parent.name if isinstance(cached, str) else None  # .../snapshots/<commit>/<file>
-
-
 def check_on_hub(repo_id: str, repo_type: str, key: str, offline_hint: str) -> str | None:
     """Ask the Hub about `repo_id` once, with a short timeout, before any download starts; its
     current revision (commit hash), which the caller then downloads, so that is what it records.

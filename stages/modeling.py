@@ -8,6 +8,7 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -19,7 +20,7 @@ from stages import efficientnet_lite
 from stages.dataformat import TensorSplit, load_features
 from stages.errors import PipelineError
 from stages.hardware import pick_device
-from stages.hub import cached_revision, check_on_hub, local_path, looks_like_hub_id, missing_path
+from stages.hub import check_on_hub, local_path, looks_like_hub_id, missing_path
 from stages.inputsize import processor_resample, processor_size
 from stages.modelfolder import check_local_model
 from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS, Params
@@ -52,7 +53,10 @@ def base_model_revision(name: str) -> str | None:
     None for a local directory or the embedded model, whose contents the inputs stage digests."""
     if name in EMBEDDED_MODELS or not looks_like_hub_id(name):
         return None
-    return cached_revision(name, "model", "config.json")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def load_pretrained(name: str, classes: list[str], image_size: int | None = None) -> tuple[PreTrainedModel, object]:
