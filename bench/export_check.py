@@ -2,8 +2,8 @@
 `python -m bench.export_check` -> bench/results/export_check.md.
 
 Each case is a small project on real CIFAR-10 test images: preprocess, a model saved as
-models/finetuned without training (a fresh head: near chance), the real evaluate stage in fp32 or
-bf16, then the export check; then the export again with its image processor's mean/std or size
+models/finetuned without training (a fresh head: near chance), the real evaluate stage (fp32, as all
+inference is), then the export check; then the export again with its image processor's mean/std or size
 altered. The tests (tests/test_export.py) run the same project.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def cifar_folder(target: Path, test_per_class: int, archive: Path = ARCHIVE, tra
     return target
 
 
-def evaluated_project(root: Path, source: Path, model: str, image_size: int | None, precision: str) -> Path:
+def evaluated_project(root: Path, source: Path, model: str, image_size: int | None) -> Path:
     """A project at `root` whose models/finetuned is `model` with a fresh head, evaluated by the real stage."""
     from stages import evaluate, preprocess
     from stages.dataformat import FINETUNED_DIR, read_classes
@@ -60,7 +60,7 @@ def evaluated_project(root: Path, source: Path, model: str, image_size: int | No
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["fraction"], params["data"]["test_fraction"], params["data"]["source"] = 1.0, 1.0, str(source)
     params["model"] |= {"name": model, "image_size": image_size}
-    params["train"] |= {"mode": "full", "precision": precision}
+    params["train"]["mode"] = "full"
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with working_directory(root):
@@ -124,25 +124,24 @@ def main() -> None:
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit)
         models = [("tiny ViT (random), 32 px", str(vit), None), ("EfficientNet-Lite0, fresh head, 64 px", "efficientnet-lite0", 64), ("EfficientNet-Lite0, fresh head, 224 px", "efficientnet-lite0", None)]
         for label, model, size in models:
-            for precision in ("fp32", "bf16"):
-                project = evaluated_project(tmp / f"{len(rows)}", source, model, size, precision)
-                for case, check in export_checks(project).items():
-                    rows.append((label, precision, case, check))
-                    print(label, precision, case, {k: check.get(k) for k in ("max_probability_diff", "mean_probability_diff", "agreement", "evaluated_accuracy", "error")}, flush=True)
+            project = evaluated_project(tmp / f"{len(rows)}", source, model, size)
+            for case, check in export_checks(project).items():
+                rows.append((label, case, check))
+                print(label, case, {k: check.get(k) for k in ("max_probability_diff", "mean_probability_diff", "agreement", "evaluated_accuracy", "error")}, flush=True)
     lines = [
         "# Export check: largest class-probability difference from evaluate",
         "",
         f"{args.test_per_class * 10} real CIFAR-10 test images (stored at their native 32 px), models with a fresh 10-way head (near chance);",
-        "evaluate in the precision shown, the export check through `pipeline()` in fp32 from the original files.",
+        "evaluate and the export check's `pipeline()` both in fp32, the check from the original files.",
         "",
-        "| model | evaluate precision | export | max abs diff | mean abs diff | label agreement | evaluated accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | export | max abs diff | mean abs diff | label agreement | evaluated accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for label, precision, case, c in rows:
+    for label, case, c in rows:
         if "error" in c:
-            lines.append(f"| {label} | {precision} | {case} | fails: pipeline() cannot run it | | | |")
+            lines.append(f"| {label} | {case} | fails: pipeline() cannot run it | | | |")
             continue
-        lines.append(f"| {label} | {precision} | {case} | {c['max_probability_diff']:.2e} | {c['mean_probability_diff']:.2e} | {c['agreement']:.3f} | {c['evaluated_accuracy']:.3f} |")
+        lines.append(f"| {label} | {case} | {c['max_probability_diff']:.2e} | {c['mean_probability_diff']:.2e} | {c['agreement']:.3f} | {c['evaluated_accuracy']:.3f} |")
     out = ROOT / "bench" / "results" / "export_check.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -27,7 +27,7 @@ def cifar10(cifar_archive, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lite_project(cifar10, tmp_path_factory):
     """EfficientNet-Lite0 with a fresh head at 64 px (near chance), evaluated in fp32 by the real stage."""
-    return evaluated_project(tmp_path_factory.mktemp("lite") / "project", cifar10, efficientnet_lite.NAME, 64, "fp32")
+    return evaluated_project(tmp_path_factory.mktemp("lite") / "project", cifar10, efficientnet_lite.NAME, 64)
 
 
 def run_export(project) -> dict:
@@ -50,7 +50,7 @@ def test_a_near_chance_model_exported_correctly_passes(lite_project, cifar10, ti
     assert check["check_images"] == 100 and check["images_from"] == "original files"
     assert check["mean_probability_diff"] <= check["allowed_mean_probability_diff"]
     # a random tiny ViT at its native 32 px: nothing is resized, the probabilities are the same to float rounding
-    vit = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None, "fp32")
+    vit = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None)
     assert run_export(vit)["max_probability_diff"] < 1e-5
 
 
@@ -73,7 +73,7 @@ def test_an_export_whose_processor_differs_from_training_fails(lite_project, tmp
 
 
 def test_a_vit_fed_another_size_fails_in_one_line(cifar10, tiny_vit, tmp_path):
-    project = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None, "fp32")
+    project = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None)
     alter_processor(project / FINETUNED_DIR, size={"height": 64, "width": 64})
     with pytest.raises(PipelineError, match=r"cannot classify test images through pipeline\(\).*doesn't match model"):
         run_export(project)
@@ -131,7 +131,7 @@ def test_export_of_non_finite_weights_writes_and_registers_nothing(tiny_vit, tmp
 @pytest.fixture(scope="module")
 def lite_three_classes(small_tree, tmp_path_factory):
     """The 3-class folder (18 test images), EfficientNet-Lite0 with a fresh head at 64 px: low-margin predictions."""
-    return evaluated_project(tmp_path_factory.mktemp("lite3") / "project", small_tree, efficientnet_lite.NAME, 64, "fp32")
+    return evaluated_project(tmp_path_factory.mktemp("lite3") / "project", small_tree, efficientnet_lite.NAME, 64)
 
 
 @pytest.mark.parametrize("check_images", [9, 3])
