@@ -148,13 +148,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
-    """Decode one image fully; a corrupt file is named in the error, not discovered mid-training."""
+def decode_rgb(data: bytes, name: str, fix: str = "remove or replace it in data.source") -> Image.Image:
+    """Decode one image fully; a corrupt file is named in the error, with `fix`, not discovered mid-training."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return to_rgb(img)
     except Exception as err:  # PIL raises several unrelated types for bad data
-        raise PipelineError(f"image {name} cannot be decoded ({type(err).__name__}: {err}); remove or replace it in data.source") from None
+        raise PipelineError(f"image {name} cannot be decoded ({type(err).__name__}: {err}); {fix}") from None
 
 
 def stratified_share(labels: np.ndarray, share: float, seed: int) -> np.ndarray:

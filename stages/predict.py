@@ -17,7 +17,7 @@ def classify(model_dir: Path, paths: list[Path], top_k: int = 1) -> list[list[di
     for path in paths:
         if not path.is_file():
             raise PipelineError(f"{path}: no such image file")
-    images = [decode_rgb(path.read_bytes(), str(path)) for path in paths]
+    images = [decode_rgb(path.read_bytes(), str(path), "give an image file (JPEG, PNG, BMP, GIF, WebP or TIFF)") for path in paths]
     # Imported here, so `--help` and a wrong path answer at once.
     from transformers import pipeline
 
