@@ -47,6 +47,7 @@ FEATURES_DIR = Path("data/features")
 FINETUNED_DIR = Path("models/finetuned")
 PREDICTIONS_FILE = Path("metrics/test_predictions.csv")
 EVAL_FILE = Path("metrics/eval.json")
+EXPORT_FILE = Path("metrics/export.json")  # the export check, and whether the model may be aliased `candidate`
 EXPORT_DIR = Path("models/export")
 
 

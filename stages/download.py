@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from stages.dataformat import RAW_DIR, SPLITS, raw_path
 from stages.decoding import CHUNK_IMAGES, check_decodes, chunked, ordered_map, worker_pool
-from stages.errors import PipelineError
+from stages.errors import PipelineError, run_stage
 from stages.hub import ARCHIVE_SUFFIXES, check_on_hub, local_path, looks_like_hub_id, missing_path, not_an_archive
 from stages.params import load_params
 
@@ -262,17 +262,12 @@ def write_raw(dataset: Dataset, source: str, out: Path = RAW_DIR) -> None:
 
 
 def main() -> None:
-    from stages import tracking  # here, not at the top: the decoding workers import this module, and need no MLflow
-
     params = load_params()
     dataset = resolve_source(params.data.source)
     write_raw(dataset, params.data.source)
     counts = dataset.counts
     print(f"download: {len(dataset.classes)} classes, " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" images -> {RAW_DIR}/")
-    tracking.log_metrics({f"data.{split}_images_total": n for split, n in counts.items()} | {"data.classes": len(dataset.classes)})
 
 
 if __name__ == "__main__":
-    from stages import tracking
-
-    tracking.run_tracked_stage("download", main)
+    run_stage(main, "download")

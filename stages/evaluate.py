@@ -23,11 +23,11 @@ from sklearn.metrics import classification_report
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
-from stages import figures, tracking
+from stages import figures
 from stages.calibration import CONFIG_KEY, calibration, expected_calibration_error, reliability_bins
 from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_split, probability_column
-from stages.errors import PipelineError
-from stages.modeling import split_logits
+from stages.errors import PipelineError, run_stage
+from stages.modeling import quiet_transformers, split_logits
 from stages.params import Params, load_params
 
 METRICS_FILE = EVAL_FILE
@@ -54,6 +54,7 @@ def main() -> None:
     params = load_params()
     if not (FINETUNED_DIR / "config.json").exists():
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
+    quiet_transformers()
     test = load_split("test")
     started = time.perf_counter()
     logits = logits_on(test, params)
@@ -99,11 +100,6 @@ def main() -> None:
         f"ECE {metrics['ece']:.4f} at temperature {temperature:.3f} ({metrics['ece_at_temperature_1']:.4f} at 1)"
     )
 
-    tracking.log_metrics({"test_" + k.removeprefix("test_"): v for k, v in (metrics | speed).items()})
-    tracking.log_metrics({f"test_f1.{row['class']}": row["f1-score"] for row in per_class.to_dict("records")})
-    for path in (CONFUSION_PNG, MISCLASSIFIED_PNG, RELIABILITY_PNG, PER_CLASS_FILE):
-        tracking.log_artifact(path)
-
 
 if __name__ == "__main__":
-    tracking.run_tracked_stage("evaluate", main)
+    run_stage(main, "evaluate")

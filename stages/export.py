@@ -9,11 +9,10 @@ that differ from those the evaluate stage recorded by at most `export.max_mean_p
 average. The processor resizes in PIL, evaluate in torch: a correct export differs by rounding, which
 a confident model may amplify on the odd image (the largest difference is recorded, not judged),
 while a wrong normalisation or input size moves the probabilities of most images.
-Once proven, the model is logged to the run with MLflow's transformers flavour and registered as
-`tracking.registered_model`. The alias `candidate` promises a sane model: its version gets it only
-when its test accuracy (metrics/eval.json) is above chance (1/classes); a model at or below chance is
-registered without it, and one with non-finite weights (diverged training) fails before anything is
-written or registered.
+metrics/export.json records the check and whether the model may be aliased `candidate` in the
+registry (the track stage registers it): only when its test accuracy (metrics/eval.json) is above
+chance (1/classes). A model with non-finite weights (diverged training) fails before anything is written.
+The model is loaded once, by the check, from the exported directory as a user loads it.
 """
 from __future__ import annotations
 
@@ -26,26 +25,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers import pipeline
 
 import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
-from stages import tracking
-from stages.dataformat import EVAL_FILE, EXPORT_DIR, FINETUNED_DIR, PREDICTIONS_FILE, decode_rgb, load_split, probability_column, read_raw
-from stages.errors import PipelineError
+from stages.dataformat import EVAL_FILE, EXPORT_DIR, EXPORT_FILE, FINETUNED_DIR, PREDICTIONS_FILE, decode_rgb, load_split, probability_column, read_json, read_raw
+from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device
 from stages.inputsize import processor_size
+from stages.modeling import quiet_transformers
 from stages.params import load_params
 
-METRICS_FILE = Path("metrics/export.json")
+METRICS_FILE = EXPORT_FILE
 
 
 def write_export(source: Path, target: Path) -> None:
-    model = AutoModelForImageClassification.from_pretrained(source)
-    processor = AutoImageProcessor.from_pretrained(source)
+    """finetune saved the model with save_pretrained (safetensors, config with id2label, the image
+    processor's config): the export is those files, byte for byte."""
     if target.exists():
         shutil.rmtree(target)
-    model.save_pretrained(target)  # safetensors, config with id2label
-    processor.save_pretrained(target)
+    shutil.copytree(source, target)
 
 
 def check_images(evaluated: pd.DataFrame, model_size: tuple[int, int] | None) -> tuple[list[Image.Image], str]:
@@ -70,12 +68,11 @@ def check_export(target: Path, n_images: int, batch_size: int) -> dict:
     """Class probabilities of the first `n_images` evaluated test images through `pipeline(...)` and the
     exported model, against the probabilities the evaluate stage recorded for them."""
     evaluated = pd.read_csv(PREDICTIONS_FILE).head(n_images)
-    labels = list(AutoConfig.from_pretrained(target).id2label.values())
+    labels = [label for _, label in sorted(read_json(target / "config.json")["id2label"].items(), key=lambda item: int(item[0]))]
     columns = [probability_column(label) for label in labels]
     if not set(columns) <= set(evaluated.columns):
         raise PipelineError(f"{PREDICTIONS_FILE} holds no probability for every class ({', '.join(columns)}); re-run the evaluate stage (dvc repro -f evaluate)")
-    processor = AutoImageProcessor.from_pretrained(target)
-    images, source = check_images(evaluated, processor_size(processor.to_dict()))
+    images, source = check_images(evaluated, processor_size(read_json(target / "preprocessor_config.json")))
     classify = pipeline("image-classification", model=str(target), device=pick_device())
     try:
         results = classify(images, batch_size=batch_size, top_k=len(labels))
@@ -128,6 +125,7 @@ def candidate_verdict(accuracy: float, n_classes: int) -> str | None:
 
 
 def main() -> None:
+    quiet_transformers()
     params = load_params()
     if not (FINETUNED_DIR / "config.json").exists():
         raise PipelineError(f"{FINETUNED_DIR} holds no model; run the finetune stage first (dvc repro finetune)")
@@ -136,11 +134,12 @@ def main() -> None:
             raise PipelineError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
     check_finite_weights(FINETUNED_DIR)
     evaluation = json.loads(EVAL_FILE.read_text())
-    n_classes = len(AutoConfig.from_pretrained(FINETUNED_DIR).id2label)
+    n_classes = len(read_json(FINETUNED_DIR / "config.json")["id2label"])
     not_candidate = candidate_verdict(float(evaluation["accuracy"]), n_classes)
     write_export(FINETUNED_DIR, EXPORT_DIR)
     check = check_export(EXPORT_DIR, params.export.check_images, params.evaluate.batch_size)
     check |= {"allowed_mean_probability_diff": params.export.max_mean_probability_diff}
+    check |= {"candidate": not_candidate is None, "not_candidate_because": not_candidate or ""}
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     METRICS_FILE.write_text(json.dumps(check, indent=2) + "\n")
     print(
@@ -148,7 +147,6 @@ def main() -> None:
         f"mean probability difference from evaluate {check['mean_probability_diff']:.2e} (allowed {check['allowed_mean_probability_diff']:.2e}; "
         f"largest {check['max_probability_diff']:.2e}); accuracy {check['pipeline_accuracy']:.4f} vs evaluated {check['evaluated_accuracy']:.4f}"
     )
-    tracking.log_metrics({f"export_{k}": v for k, v in check.items() if isinstance(v, (int, float))})
     if check["mean_probability_diff"] > check["allowed_mean_probability_diff"]:
         raise PipelineError(
             f"the exported model's class probabilities differ from the evaluated ones by {check['mean_probability_diff']:.4f} on average "
@@ -156,11 +154,9 @@ def main() -> None:
             f"models/export does not compute what was evaluated; check that {FINETUNED_DIR}'s preprocessor_config.json (size, resample, "
             f"image_mean/image_std) is the one it was trained with, and re-run finetune and evaluate (see {METRICS_FILE})"
         )
-    example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
     if not_candidate:
-        print(f"warning: export: {EXPORT_DIR} is registered without the alias @{tracking.MODEL_ALIAS}: {not_candidate}", file=sys.stderr)
-    tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=not_candidate is None)
+        print(f"warning: export: {EXPORT_DIR} will be registered without the alias @candidate: {not_candidate}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    tracking.run_tracked_stage("export", main)
+    run_stage(main, "export")

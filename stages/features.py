@@ -16,11 +16,10 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from stages import tracking
 from stages.dataformat import PROCESSED_SPLITS, features_path, load_split
-from stages.errors import PipelineError
+from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device
-from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained
+from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained, quiet_transformers
 from stages.params import Params, load_params
 
 
@@ -55,6 +54,7 @@ def main() -> None:
         return
 
     check_model_name(params.model.name)
+    quiet_transformers()
     split = load_split(name)
     model, processor = load_pretrained(params.model.name, split.classes, params.model.image_size)
     transform = PixelTransform(processor)
@@ -66,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    tracking.run_tracked_stage(f"features_{(sys.argv[1:] or ['split'])[0]}", main)
+    run_stage(main, f"features_{(sys.argv[1:] or ['split'])[0]}")

@@ -13,13 +13,13 @@ A fresh head sized to the data's classes replaces the pretrained one.
   trained with. The trained head counts as epoch 0 of the full phase: it is kept if no later epoch
   beats it on validation accuracy.
 Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
-and the whole model goes to models/finetuned/ and the per-epoch curves to metrics/.
+and the whole model goes to models/finetuned/. Each epoch's row is added to metrics/finetune_epochs.csv
+as the epoch ends, so `dvc plots show` and `dvc exp show` follow a running experiment.
 
 With train.processes N > 1, the Trainer's training (full mode, and the full phase of head-then-full)
 runs as N data-parallel processes under torchrun: gloo on CPU, NCCL on GPUs, train.batch_size still
 the global batch. This process prepares the checkpoints, starts them and waits; only the first of them
-saves the model and writes metrics/; this process alone logs to MLflow, from those files. Head mode
-trains in this one process (seconds), whatever N.
+saves the model and writes metrics/. Head mode trains in this one process (seconds), whatever N.
 """
 from __future__ import annotations
 
@@ -49,18 +49,20 @@ from transformers import (
     set_seed,
 )
 
-from stages import figures, tracking
+from stages import figures
 from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
 from stages.checkpoints import Checkpoints, checkpoints_for, inputs_fingerprint
 from stages.dataformat import FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, split_logits
+from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, quiet_transformers, split_logits
 from stages.params import Params, load_params
 
 METRICS_FILE = Path("metrics/finetune.json")
 SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
 EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
+EPOCH_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy"]
+CURVES_PNG = Path("metrics/learning_curves.png")
 CHECKPOINTS_ENV = "FINETUNE_CHECKPOINTS"  # the data-parallel processes' checkpoint folder
 RESUME_ENV = "FINETUNE_RESUME"  # the checkpoint they resume from ("": none)
 
@@ -151,11 +153,38 @@ def epoch_table(log_history: list[dict]) -> pd.DataFrame:
     for entry in log_history:
         epoch = int(round(entry.get("epoch", 0)))
         if "loss" in entry:
-            rows.setdefault(epoch, {})["train_loss"] = entry["loss"]
+            rows.setdefault(epoch, {"epoch": epoch})["train_loss"] = entry["loss"]
         if "eval_accuracy" in entry:
-            rows.setdefault(epoch, {}).update(val_loss=entry["eval_loss"], val_accuracy=entry["eval_accuracy"])
-    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("epoch").reset_index()
-    return table.sort_values("epoch")[["epoch", "train_loss", "val_loss", "val_accuracy"]]
+            rows.setdefault(epoch, {"epoch": epoch}).update(val_loss=entry["eval_loss"], val_accuracy=entry["eval_accuracy"])
+    return pd.DataFrame([rows[epoch] for epoch in sorted(rows)], columns=EPOCH_COLUMNS)
+
+
+def write_epochs(rows: pd.DataFrame, append: bool = False) -> None:
+    """metrics/finetune_epochs.csv as training goes: rewritten with `rows`, or `rows` added as epochs end.
+    Only the first data-parallel process writes."""
+    if is_first_process():
+        EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(EPOCHS_FILE, mode="a" if append else "w", header=not append, index=False, columns=EPOCH_COLUMNS)
+
+
+class LiveEpochsCallback(TrainerCallback):
+    """Full mode: the epochs so far when training starts (a resumed run's, after head-then-full's epoch 0),
+    then each epoch's row once it is evaluated (the Trainer logs the epoch's loss, then evaluates)."""
+
+    def __init__(self, before: list[dict]):
+        self.before = before
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        write_epochs(pd.DataFrame(self.before + epoch_table(state.log_history).to_dict("records"), columns=EPOCH_COLUMNS))
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        write_epochs(epoch_table(state.log_history).tail(1), append=True)
+
+
+def as_epoch_0(head: Trained) -> pd.DataFrame:
+    """head-then-full: its head phase's best epoch, the full phase's epoch 0."""
+    best = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
+    return pd.DataFrame([{"epoch": 0} | {k: best[k] for k in EPOCH_COLUMNS[1:]}])
 
 
 @dataclass
@@ -220,7 +249,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         data_seed=params.seed,
         dataloader_num_workers=0,  # the data is already in memory
         remove_unused_columns=False,
-        report_to="none",  # tracking.pipeline_run logs to MLflow, one run per pipeline execution
+        report_to="none",  # the track stage logs to MLflow, once, from metrics/
         logging_nan_inf_filter=False,  # a non-finite loss must show, so FiniteLossCallback stops training
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size() > 1 else None,
         ddp_find_unused_parameters=False,  # every weight gets a gradient: no extra pass over the graph
@@ -233,7 +262,7 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         data_collator=collate,
         processing_class=processor,
         compute_metrics=accuracy,
-        callbacks=[FiniteLossCallback(params)],
+        callbacks=[FiniteLossCallback(params), LiveEpochsCallback(as_epoch_0(start).to_dict("records") if start else [])],
     )
     resumed_epochs = read_json(Path(resume) / "trainer_state.json")["epoch"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
@@ -257,6 +286,7 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
     schedule = get_cosine_schedule_with_warmup(optimizer, int(params.train.warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(params.seed)
     rows, best_accuracy, best_state = [], -1.0, None
+    write_epochs(pd.DataFrame(columns=EPOCH_COLUMNS))
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         head.train()
@@ -279,6 +309,7 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
         val_loss = F.cross_entropy(logits, val["labels"]).item()
         check_finite_loss(val_loss, "validation", epoch, params, phase)
         rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": val_loss, "val_accuracy": val_accuracy})
+        write_epochs(pd.DataFrame(rows[-1:]), append=True)
         if val_accuracy > best_accuracy:  # the first best epoch, as the Trainer keeps it
             best_accuracy, best_state = val_accuracy, copy.deepcopy(head.state_dict())
     seconds = time.perf_counter() - started
@@ -295,9 +326,7 @@ def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, d
     full = train_full(params, train, val, device, precision, checkpoints, start=head)
     if full is None:
         return None
-    best_head = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
-    epoch_0 = pd.DataFrame([{"epoch": 0} | {k: best_head[k] for k in ("train_loss", "val_loss", "val_accuracy")}])
-    epochs = pd.concat([epoch_0, full.epochs], ignore_index=True)
+    epochs = pd.concat([as_epoch_0(head), full.epochs], ignore_index=True)
     model = head_model if epochs["val_accuracy"].idxmax() == 0 else full.model  # the first best epoch, as elsewhere
     return Trained(model, full.processor, epochs, full.images_per_second)
 
@@ -366,8 +395,8 @@ def train_and_save(params: Params, device: str, precision: str, checkpoints: Che
     provenance |= {"lr": params.train.lr, "epochs": params.train.epochs}  # as resolved from `auto`
     if params.train.mode == "head-then-full":
         provenance |= {"head_lr": params.train.head_lr, "head_epochs": params.train.head_epochs}
-    EPOCHS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    epochs.to_csv(EPOCHS_FILE, index=False)
+    write_epochs(epochs)  # the whole table again: what the epochs written live add up to
+    figures.save(figures.learning_curves(epochs), CURVES_PNG)
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
     on = f"{device}/{precision}" + (f" x {summary['world_size']} processes" if summary["world_size"] > 1 else "")
@@ -386,21 +415,10 @@ def train_in_processes(params: Params, checkpoints: Checkpoints) -> None:
         raise PipelineError(f"the {n} data-parallel training processes (train.processes) stopped with exit status {done.returncode}; their own lines above say why")
 
 
-def log_results(device: str, precision: str) -> None:
-    """Log what train_and_save wrote to this execution's MLflow run."""
-    finetuned = read_json(METRICS_FILE)
-    summary = {k: finetuned[k] for k in ("best_epoch", "best_val_accuracy", "train_images", "val_images", "temperature", "world_size")}
-    epochs = pd.read_csv(EPOCHS_FILE)
-    tracking.set_tags({"hardware.device": device, "hardware.precision": precision, "model.revision": str(finetuned["base_model_revision"])})
-    for row in epochs.to_dict("records"):
-        tracking.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}, step=int(row["epoch"]))
-    tracking.log_metrics(summary | read_json(SPEED_FILE))
-    tracking.log_figure(figures.learning_curves(epochs), "learning_curves.png")
-
-
 def main() -> None:
     params = load_params()
     check_model_name(params.model.name)
+    quiet_transformers()
     device, precision = pick_device_and_precision(params.train.precision)
     processes = params.train.processes if params.train.mode != "head" else 1
     if processes < params.train.processes:
@@ -409,19 +427,18 @@ def main() -> None:
         raise PipelineError(f"train.processes={processes} but this machine has {torch.cuda.device_count()} GPU(s); set train.processes to at most that")
     if params.train.mode == "head":  # seconds on cached features: nothing to checkpoint or resume
         train_and_save(params, device, precision, checkpoints=None)
-        log_results(device, precision)
         return
     with checkpoints_for(inputs_fingerprint(params, device, precision), processes) as checkpoints:
         if processes > 1:
             train_in_processes(params, checkpoints)
         else:
             train_and_save(params, device, precision, checkpoints)
-        log_results(device, precision)
 
 
 def data_parallel_process() -> None:
     """One of train_in_processes' processes: the checkpoint folder is ready, the starting checkpoint in RESUME_ENV."""
     params = load_params()
+    quiet_transformers()
     device, precision = pick_device_and_precision(params.train.precision)
     train_and_save(params, device, precision, Checkpoints(Path(os.environ[CHECKPOINTS_ENV]), os.environ[RESUME_ENV] or None))
 
@@ -430,4 +447,4 @@ if __name__ == "__main__":
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         run_stage(data_parallel_process)
     else:
-        tracking.run_tracked_stage("finetune", main)
+        run_stage(main, "finetune")

@@ -28,6 +28,14 @@ from stages.params import EMBEDDED_CHOICES, EMBEDDED_MODELS, Params
 OFFLINE_HINT = f"use model.name={EMBEDDED_CHOICES} or a local directory saved with save_pretrained"
 
 
+def quiet_transformers() -> None:
+    """No progress bars of transformers' own (loading and writing a model's tensors: a second's work,
+    not the stage's progress); the Hub's download bars and the stages' own bars stay."""
+    from transformers.utils import logging
+
+    logging.set_tqdm_hook(lambda _factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
+
+
 def check_model_name(name: str) -> None:
     """Fail in seconds on a model that cannot be loaded, before any data is read."""
     if name in EMBEDDED_MODELS:

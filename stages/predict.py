@@ -22,7 +22,9 @@ def classify(model_dir: Path, paths: list[Path], top_k: int = 1) -> list[list[di
     from transformers import pipeline
 
     import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
+    from stages.modeling import quiet_transformers
 
+    quiet_transformers()
     results = pipeline("image-classification", model=str(model_dir))(images, top_k=top_k)
     return [results] if top_k and len(images) == 1 and isinstance(results[0], dict) else results
 

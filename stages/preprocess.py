@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from stages.dataformat import PROCESSED_DIR, create_split, processed_path, raw_groups, raw_labels, read_classes, split_off, stratified_share
 from stages.decoding import CHUNK_BYTES, CHUNK_IMAGES, decode_into, image_sizes, unordered_map, worker_pool
-from stages.errors import PipelineError
+from stages.errors import PipelineError, run_stage
 from stages.inputsize import model_input
 from stages.params import Params, load_params
 
@@ -111,8 +111,6 @@ def write_processed(name: str, rows: np.ndarray, labels: np.ndarray, classes: li
 
 
 def main() -> None:
-    from stages import tracking  # here, not at the top: the decoding workers import this module, and need no MLflow
-
     params = load_params()
     classes = read_classes()
     labels = {split: raw_labels(split) for split in ("train", "test")}
@@ -127,10 +125,7 @@ def main() -> None:
     sizes = {name: len(rows[name]) for name in SOURCES}
     width, height = storage.size
     print(f"preprocess: {sizes} images of 3x{height}x{width} uint8 -> {PROCESSED_DIR}/ ({storage.why})")
-    tracking.log_metrics({f"data.{name}_images": n for name, n in sizes.items()})
 
 
 if __name__ == "__main__":
-    from stages import tracking
-
-    tracking.run_tracked_stage("preprocess", main)
+    run_stage(main, "preprocess")

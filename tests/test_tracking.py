@@ -1,16 +1,66 @@
-"""Tracking without a pipeline: where the default store is, what is never logged, what happens when MLflow is down."""
+"""The track stage on a project the real stages made (the tiny ViT on the small tree, in head mode):
+where the default store is, what the run holds, what is never logged, what happens when MLflow is down,
+and the registry's alias rules."""
 from __future__ import annotations
 
-import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from unittest import mock
 
+import mlflow
 import pytest
 import torch
 
+from bench.export_check import working_directory
 from scripts.servers import free_port
-from stages import figures, tracking
-from stages.errors import PipelineError
-from stages.params import load_params
-from tests.conftest import ROOT
+from stages import download, evaluate, export, features, figures, finetune, preprocess, track, tracking
+from stages.dataformat import EXPORT_FILE
+from stages.errors import PipelineError, run_stage
+from tests.conftest import ROOT, set_params
+
+
+@pytest.fixture(scope="module")
+def finished(small_tree, tiny_vit, tmp_path_factory) -> Path:
+    """Every stage before track has run in this project, each recording its costs as under DVC."""
+    project = tmp_path_factory.mktemp("track") / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(
+        project, fraction=1.0, data__source=str(small_tree), data__test_fraction=1.0, model__name=str(tiny_vit),
+        train__mode="head", train__epochs=2, train__lr=1e-3, export__check_images=18, export__max_mean_probability_diff=0.99,
+    )
+    with working_directory(project):
+        run_stage(download.main, "download")
+        run_stage(preprocess.main, "preprocess")
+        for split in ("train", "val", "test"):
+            with mock.patch.object(sys, "argv", ["features", split]):
+                run_stage(features.main, f"features_{split}")
+        for stage in (finetune, evaluate, export):
+            run_stage(stage.main, stage.__name__.removeprefix("stages."))
+    return project
+
+
+@pytest.fixture
+def project(finished, tmp_path, monkeypatch) -> Path:
+    """A copy of the finished project, current directory, with its own store (mlflow.db in it)."""
+    copy = tmp_path / "project"
+    shutil.copytree(finished, copy)
+    monkeypatch.chdir(copy)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    return copy
+
+
+def export_says_candidate(candidate: bool) -> None:
+    """What export wrote for a model above chance (True) or at chance (False): the tiny ViT may be either."""
+    EXPORT_FILE.write_text(json.dumps(json.loads(EXPORT_FILE.read_text()) | {"candidate": candidate}))
+
+
+def the_runs() -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time ASC"])
 
 
 def test_the_default_store_is_the_project_root_even_in_a_queued_experiments_copy(tmp_path, monkeypatch):
@@ -41,7 +91,7 @@ def test_an_experiment_another_execution_created_meanwhile_is_used_not_an_error(
         return real(name) if len(looks) > 1 else None
 
     monkeypatch.setattr(mlflow, "get_experiment_by_name", not_yet_then_there)
-    assert tracking._experiment_id("shared", None) == created
+    assert tracking.experiment_id("shared", None) == created
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_a_queued_experiments_copy(tmp_path, monkeypatch):
@@ -63,33 +113,6 @@ def test_credentials_in_a_url_are_not_logged():
     assert tracking.without_credentials(0.01) == 0.01
 
 
-def closed_server_params(monkeypatch, tmp_path, required: bool):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    params = load_params(ROOT / "params.yaml")
-    return dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, required=required))
-
-
-def test_an_unreachable_server_costs_one_warning_and_nothing_else(tmp_path, monkeypatch, capsys):
-    params = closed_server_params(monkeypatch, tmp_path, required=False)
-    (tmp_path / "report.csv").write_text("class,f1\ncat,0.5\n")
-    with tracking.pipeline_run(params, "evaluate"):
-        tracking.log_metrics({"test_accuracy": 0.5})
-        tracking.set_tags({"hardware.device": "cpu"})
-        tracking.log_artifact(tmp_path / "report.csv")
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: MLflow tracking at http://127.0.0.1:")
-    assert "nothing more from the evaluate stage was logged to MLflow, starting with its params, metrics and artifacts" in lines[0]
-    assert "tracking.required: true" in lines[0]
-
-
-def test_a_required_server_that_is_unreachable_stops_the_stage(tmp_path, monkeypatch):
-    params = closed_server_params(monkeypatch, tmp_path, required=True)
-    expected = r"^MLflow tracking at http://127\.0\.0\.1:\d+ failed \(ConnectionError.*tracking\.required: false"
-    with pytest.raises(PipelineError, match=expected), tracking.pipeline_run(params, "finetune"):
-        pytest.fail("the stage must not run untracked when tracking.required is true")
-
-
 def test_the_gallery_shows_the_most_confidently_wrong_images_first():
     pixels = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     actual = ["cat", "dog", "ship", "cat"]
@@ -99,39 +122,6 @@ def test_the_gallery_shows_the_most_confidently_wrong_images_first():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["true: ship\npredicted: dog (90%)", "true: cat\npredicted: ship (70%)", "true: dog\npredicted: cat (60%)"]
     assert fig.texts[0].get_text() == "Most confidently wrong test images (3 of 3 wrong)"
-
-
-def local_store_params(monkeypatch, tmp_path):
-    """The default store (mlflow.db in the project root, here tmp_path), as a stage run by hand uses it."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    return load_params(ROOT / "params.yaml")
-
-
-def the_run(tmp_path):
-    """The newest run in the store."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"])[0]
-
-
-def test_a_programming_error_in_a_logging_call_raises_and_fails_the_run(tmp_path, monkeypatch, capsys):
-    params = local_store_params(monkeypatch, tmp_path)
-    with pytest.raises(ValueError, match="could not convert string to float"), tracking.pipeline_run(params, "evaluate"):
-        tracking.log_metrics({"test_accuracy": "high"})  # a string as a metric: our bug, not an outage
-    assert "MLflow tracking" not in capsys.readouterr().err
-    assert the_run(tmp_path).info.status == "FAILED"
-
-
-def test_a_value_mlflow_rejects_raises(tmp_path, monkeypatch, capsys):
-    from mlflow.exceptions import MlflowException
-
-    params = local_store_params(monkeypatch, tmp_path)
-    with pytest.raises(MlflowException, match="Invalid value"), tracking.pipeline_run(params, "evaluate"):
-        tracking.log_metrics({"bad name!\0": 1.0})  # INVALID_PARAMETER_VALUE: the store is fine
-    assert "MLflow tracking" not in capsys.readouterr().err
 
 
 def test_store_failures_are_told_from_bugs():
@@ -156,83 +146,96 @@ def test_store_failures_are_told_from_bugs():
     assert not tracking.is_store_failure(FileNotFoundError("metrics/missing.png"))
 
 
-def test_the_run_reads_running_between_stages_finished_after_export_failed_when_a_stage_fails(tmp_path, monkeypatch):
-    import psutil
-
-    from stages.dataformat import PROCESSED_SPLITS, TensorSplit, processed_path, save_split
-
-    params = local_store_params(monkeypatch, tmp_path)
-    (tmp_path / "data/processed").mkdir(parents=True)
-    for name in PROCESSED_SPLITS:  # what export records as the run's datasets
-        save_split(TensorSplit(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), torch.tensor([0, 1]), ["a", "b"]), processed_path(name))
-    monkeypatch.setattr(tracking, "dvc_ancestor", psutil.Process)  # every stage below: one `dvc` execution
-    for stage in ("download", "preprocess", "finetune"):
-        with tracking.pipeline_run(params, stage):
-            tracking.log_metrics({f"{stage}_value": 1.0})
-        assert the_run(tmp_path).info.status == "RUNNING", stage
-    with tracking.pipeline_run(params, "export"):
-        pass
-    run = the_run(tmp_path)
-    assert run.info.status == "FINISHED" and {"download_seconds", "finetune_seconds", "export_seconds"} <= set(run.data.metrics)
-
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: psutil.Process().parent())  # another execution
-    with tracking.pipeline_run(params, "download"):
-        pass
-    assert the_run(tmp_path).info.run_id != run.info.run_id
-    with pytest.raises(RuntimeError), tracking.pipeline_run(params, "finetune"):
-        raise RuntimeError("the stage failed")
-    assert the_run(tmp_path).info.status == "FAILED"
-    with tracking.pipeline_run(params, "features_test"):  # `dvc repro --keep-going` runs the stages that do not need it
-        pass
-    assert the_run(tmp_path).info.status == "FAILED"
+def test_the_run_holds_every_result_the_stages_wrote(project, monkeypatch, capsys):
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep")
+    track.main()
+    [run] = the_runs()
+    assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["dvc.exp_name"] == "lr-sweep"
+    evaluation, finetuned = (json.loads(Path(f"metrics/{name}.json").read_text()) for name in ("eval", "finetune"))
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"]) and metrics["test_ece"] == pytest.approx(evaluation["ece"])
+    assert metrics["best_val_accuracy"] == pytest.approx(finetuned["best_val_accuracy"])
+    assert metrics["export_mean_probability_diff"] == pytest.approx(json.loads(EXPORT_FILE.read_text())["mean_probability_diff"])
+    assert (metrics["data.classes"], metrics["data.train_images"], metrics["data.test_images"]) == (3, 54, 18)
+    for stage in ("download", "preprocess", "features_train", "features_test", "finetune", "evaluate", "export"):
+        assert metrics[f"{stage}_seconds"] > 0 and metrics[f"{stage}_peak_memory_mib"] > 0, stage
+    assert run.data.params["train.lr"] == str(finetuned["lr"]) and run.data.params["train.mode"] == "head"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]  # the curves as steps, as finetune_epochs.csv holds them
+    assert run.data.tags["hardware.device"] == finetuned["device"] and run.data.tags["version.torch"] == torch.__version__
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"processed-train", "processed-val", "processed-test"}
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert set(track.ARTIFACTS) <= logged
+    [version] = mlflow.MlflowClient().search_model_versions("name='cifar10-classifier'")
+    assert version.run_id == run.info.run_id  # MLflow 3 keeps the model apart from the run's artifacts
+    assert f"track: MLflow run {run.info.run_id}" in capsys.readouterr().out
 
 
-def test_a_stage_run_by_hand_finishes_its_own_run(tmp_path, monkeypatch):
-    params = local_store_params(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
-    with tracking.pipeline_run(params, "evaluate"):
-        pass
-    assert the_run(tmp_path).info.status == "FINISHED"
+def test_an_unreachable_server_costs_one_warning_and_nothing_else(project, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    track.main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: MLflow tracking at http://127.0.0.1:")
+    assert "this execution was not logged to MLflow" in lines[0] and "dvc repro -f track" in lines[0] and "tracking.required: true" in lines[0]
 
 
-def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(tiny_vit, tmp_path, monkeypatch, capsys):
-    import mlflow
+def test_a_required_server_that_is_unreachable_stops_the_stage(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    set_params(project, tracking__required=True)
+    with pytest.raises(PipelineError, match=r"^MLflow tracking at http://127\.0\.0\.1:\d+ failed \(ConnectionError.*tracking\.required: false"):
+        track.main()
 
-    from tests.conftest import jpeg_bytes
 
-    params = local_store_params(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
-    for alias in (True, False):  # a sane model, then one at chance
-        with tracking.pipeline_run(params, "export"):
-            tracking.log_model(tiny_vit, "tiny", jpeg_bytes((50, 60, 70)), str(tiny_vit), alias=alias)
+def test_a_programming_error_while_logging_raises_and_fails_the_run(project, capsys):
+    import pandas as pd
+
+    per_class = pd.read_csv("metrics/eval_per_class.csv")
+    per_class["f1-score"] = per_class["f1-score"].astype(object)
+    per_class.loc[0, "f1-score"] = "high"  # a word where a number belongs
+    per_class.to_csv("metrics/eval_per_class.csv", index=False)
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        track.main()
+    assert "MLflow tracking" not in capsys.readouterr().err
+    assert [run.info.status for run in the_runs()] == ["FAILED"]
+
+
+def test_a_value_mlflow_rejects_raises(project, capsys):
+    from mlflow.exceptions import MlflowException
+
+    evaluation = Path("metrics/eval.json")
+    evaluation.write_text(json.dumps(json.loads(evaluation.read_text()) | {"bad name!\0": 1.0}))  # INVALID_PARAMETER_VALUE: the store is fine
+    with pytest.raises(MlflowException, match="Invalid value"):
+        track.main()
+    assert "MLflow tracking" not in capsys.readouterr().err
+
+
+def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(project, capsys):
+    export_says_candidate(True)
+    track.main()
+    export_says_candidate(False)
+    track.main()
     out = capsys.readouterr().out
-    assert "registered tiny version 1 as @candidate" in out and "registered tiny version 2, not aliased @candidate" in out
+    assert "registered cifar10-classifier version 1 as @candidate" in out and "registered cifar10-classifier version 2, not aliased @candidate" in out
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
-    assert len(client.search_model_versions("name='tiny'")) == 2
+    assert str(client.get_model_version_by_alias("cifar10-classifier", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
+    assert len(client.search_model_versions("name='cifar10-classifier'")) == 2
 
 
-def test_the_alias_stays_on_a_newer_version_registered_by_an_execution_running_at_the_same_time(tiny_vit, tmp_path, monkeypatch, capsys):
-    import mlflow
-
-    from tests.conftest import jpeg_bytes
-
-    params = local_store_params(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
+def test_the_alias_stays_on_a_newer_version_registered_by_an_execution_running_at_the_same_time(project, monkeypatch, capsys):
     log_transformers = mlflow.transformers.log_model
 
     def and_meanwhile_another_execution(*args, **kwargs):  # registers version 2 and aliases it, between our steps
         info = log_transformers(*args, **kwargs)
         client = mlflow.MlflowClient()
-        newer = client.create_model_version("tiny", client.get_model_version("tiny", info.registered_model_version).source)
-        client.set_registered_model_alias("tiny", tracking.MODEL_ALIAS, newer.version)
+        newer = client.create_model_version("cifar10-classifier", client.get_model_version("cifar10-classifier", info.registered_model_version).source)
+        client.set_registered_model_alias("cifar10-classifier", tracking.MODEL_ALIAS, newer.version)
         return info
 
     monkeypatch.setattr(mlflow.transformers, "log_model", and_meanwhile_another_execution)
-    with tracking.pipeline_run(params, "export"):
-        tracking.log_model(tiny_vit, "tiny", jpeg_bytes((50, 60, 70)), str(tiny_vit))
-    assert "registered tiny version 1; @candidate stays on the newer version 2" in capsys.readouterr().out
-    assert str(mlflow.MlflowClient().get_model_version_by_alias("tiny", tracking.MODEL_ALIAS).version) == "2"
+    export_says_candidate(True)
+    track.main()
+    assert "registered cifar10-classifier version 1; @candidate stays on the newer version 2" in capsys.readouterr().out
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", tracking.MODEL_ALIAS).version) == "2"
 
 
 @pytest.mark.parametrize("kind", ["vit", "efficientnet-lite0"])
@@ -241,7 +244,6 @@ def test_every_registered_model_loads_with_pyfunc_and_predicts_as_its_pipeline(k
     transformers loader cannot rebuild) load from the registry by alias and give the same top label and score."""
     import base64
 
-    import mlflow
     from transformers import pipeline
 
     from stages import efficientnet_lite
@@ -252,9 +254,9 @@ def test_every_registered_model_loads_with_pyfunc_and_predicts_as_its_pipeline(k
         efficientnet_lite.from_imagenet(kind, {0: "cat", 1: "dog", 2: "ship"}).save_pretrained(model_dir)
         efficientnet_lite.image_processor(kind).save_pretrained(model_dir)
     image = next((small_tree / "test/ship").glob("*.jpg"))
-    params = local_store_params(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: None)
-    with tracking.pipeline_run(params, "export"):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    with mlflow.start_run():
         tracking.log_model(model_dir, "classifier", image.read_bytes(), str(model_dir))
     registered = mlflow.pyfunc.load_model("models:/classifier@candidate")
     [expected] = pipeline("image-classification", model=str(model_dir))(str(image), top_k=1)
@@ -263,68 +265,27 @@ def test_every_registered_model_loads_with_pyfunc_and_predicts_as_its_pipeline(k
         assert top["label"] == expected["label"] and top["score"] == pytest.approx(expected["score"], abs=1e-6)
 
 
-def _stage_in_a_fresh_process(start, params) -> None:
-    """A download stage run by hand, once every process is ready: they open the store at once."""
-    tracking.dvc_ancestor = lambda: None
+def _log_in_a_fresh_process(start, uri: str) -> None:
+    """What track does first, once every process is ready: they open the store at once."""
     start.wait()
-    with tracking.pipeline_run(params, "download"):  # tracking.required: a store failure raises
-        tracking.log_metrics({"data.classes": 3})
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=tracking.experiment_id("cifar10-transfer", tracking.artifact_location())):
+        mlflow.log_metric("data.classes", 3)
 
 
 def test_processes_creating_one_fresh_sqlite_store_at_once_all_log(tmp_path, monkeypatch):
     import multiprocessing
 
-    params = local_store_params(monkeypatch, tmp_path)
-    params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, required=True))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fork = multiprocessing.get_context("fork")  # MLflow is imported already: the processes start together
     start = fork.Barrier(3)
-    stages = [fork.Process(target=_stage_in_a_fresh_process, args=(start, params)) for _ in range(3)]
-    for stage in stages:
-        stage.start()
-    for stage in stages:
-        stage.join(120)
-    assert [stage.exitcode for stage in stages] == [0, 0, 0]
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert len(runs) == 3 and all({"download_seconds", "data.classes"} <= set(run.data.metrics) for run in runs)
-
-
-def test_the_next_execution_ends_the_runs_that_dead_executions_left_running(tmp_path, monkeypatch):
-    import socket
-    import subprocess
-
-    import mlflow
-    import psutil
-
-    params = local_store_params(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "dvc_ancestor", psutil.Process)
-    with tracking.pipeline_run(params, "download"):  # creates the store and the experiment
-        pass
-    alive = the_run(tmp_path).info.run_id  # this execution's own, RUNNING between its stages
-    def dead_execution() -> str:
-        """The execution id of a process that has ended, as a killed `dvc` leaves it."""
-        gone = subprocess.Popen(["sleep", "60"])
-        execution = f"{socket.gethostname()}:{gone.pid}:{psutil.Process(gone.pid).create_time():.3f}"
-        gone.kill()
-        gone.wait()
-        return execution
-
-    client, experiment = mlflow.MlflowClient(), mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
-
-    def left_running(execution: str, stage: str, ended: bool) -> str:
-        run = client.create_run(experiment, tags={tracking.EXECUTION_TAG: execution, tracking.STAGE_TAG: stage})
-        if ended:  # the stage logged its wall time: the execution stopped between stages
-            client.log_metric(run.info.run_id, f"{stage}_seconds", 1.0)
-        return run.info.run_id
-
-    killed = left_running(dead_execution(), "export", ended=False)  # `kill -9` during export
-    stopped = left_running(dead_execution(), "finetune", ended=True)  # `dvc repro finetune` ended
-    elsewhere = left_running(f"other-host:1:1.000", "export", ended=False)  # another host's: not ours to judge
-    monkeypatch.setattr(tracking, "dvc_ancestor", lambda: psutil.Process().parent())  # the next execution
-    with tracking.pipeline_run(params, "download"):
-        pass
-    status = {name: client.get_run(run_id).info.status for name, run_id in [("killed", killed), ("stopped", stopped), ("alive", alive), ("elsewhere", elsewhere)]}
-    assert status == {"killed": "KILLED", "stopped": "FINISHED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    workers = [fork.Process(target=_log_in_a_fresh_process, args=(start, uri)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    mlflow.set_tracking_uri(uri)
+    runs = the_runs()
+    assert len(runs) == 3 and all(run.data.metrics["data.classes"] == 3 for run in runs)

@@ -1,0 +1,123 @@
+"""Stage 7: the execution's one MLflow run, made at its end from what the other stages wrote.
+
+The run is named after the DVC experiment and holds: the git commit, the parameters (train.lr and
+train.epochs as finetune resolved them), every number in metrics/*.json, the per-epoch curves as
+stepped metrics (metrics/finetune_epochs.csv), the hardware and library versions, each stage's
+start-up, wall time and peak memory (metrics/stages/), the processed splits as MLflow datasets with
+the digest dvc.lock holds for data/processed, the figures, and the exported model, registered as
+`tracking.registered_model` (stages/tracking.py: the alias rules). No other stage imports MLflow, so
+an execution that fails before the end has no run: DVC shows it.
+
+If the store cannot be reached, or fails (connection, HTTP or database errors), the stage prints one
+warning and succeeds: the results are in DVC's files. With `tracking.required: true` it fails instead.
+Any other error while logging is a bug here and raises.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from stages import hardware, tracking
+from stages.dataformat import EVAL_FILE, EXPORT_DIR, EXPORT_FILE, PREDICTIONS_FILE, PROCESSED_DIR, PROCESSED_SPLITS, load_labels, read_json, read_raw
+from stages.errors import STAGE_COSTS_DIR, run_stage
+from stages.modeling import quiet_transformers
+from stages.params import Params, flatten, load_params
+
+METRICS = Path("metrics")
+FINETUNE_FILE, EPOCHS_FILE = METRICS / "finetune.json", METRICS / "finetune_epochs.csv"
+RESOLVED = ("lr", "epochs", "head_lr", "head_epochs")  # finetune.json's train.* values resolved from `auto`
+ARTIFACTS = ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "reliability.png", "eval_per_class.csv")
+
+
+def numbers(values: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, float]:
+    return {prefix + key: float(value) for key, value in values.items() if isinstance(value, (int, float)) and key not in skip}
+
+
+def run_metrics() -> dict[str, float]:
+    """Every number the stages wrote, under the names the runs have always had."""
+    metrics = numbers(read_json(FINETUNE_FILE), skip=RESOLVED) | numbers(read_json(METRICS / "finetune_speed.json"))
+    for path in (EVAL_FILE, METRICS / "eval_speed.json"):  # test_accuracy, test_ece, ..., test_eval_images_per_second
+        metrics |= {"test_" + key.removeprefix("test_"): value for key, value in numbers(read_json(path)).items()}
+    per_class = pd.read_csv(METRICS / "eval_per_class.csv")
+    metrics |= {f"test_f1.{row['class']}": float(row["f1-score"]) for row in per_class.to_dict("records")}
+    metrics |= numbers(read_json(EXPORT_FILE), prefix="export_")
+    for name in PROCESSED_SPLITS:
+        labels, classes = load_labels(name)
+        metrics |= {f"data.{name}_images": len(labels), "data.classes": len(classes)}
+    for costs in sorted(STAGE_COSTS_DIR.glob("*.json")):  # features@train: features_train_seconds
+        metrics |= {f"{costs.stem}_{key}": value for key, value in numbers(read_json(costs)).items()}
+    return metrics
+
+
+def processed_md5() -> str | None:
+    """The md5 dvc.lock records for data/processed, None outside DVC (a stage run by hand)."""
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
+    outs = lock.get("stages", {}).get("preprocess", {}).get("outs", [])
+    return next((out["md5"] for out in outs if out["path"] == str(PROCESSED_DIR)), None)
+
+
+def log_datasets(params: Params, digest: str | None) -> None:
+    """The processed splits as the run's inputs: their labels, the source they came from, DVC's digest."""
+    import mlflow
+
+    # MLflow registers its local-file source twice and warns that it is ambiguous.
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+    for name in PROCESSED_SPLITS:
+        indices, classes = load_labels(name)
+        labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
+        source = str(tracking.without_credentials(params.data.source))
+        dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest and digest.removesuffix(".dir"))
+        mlflow.log_input(dataset, context=name)
+
+
+def log_run(params: Params, uri: str) -> str:
+    """Make the run; its id."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = tracking.experiment_id(params.tracking.experiment, tracking.artifact_location())
+    finetuned, export = read_json(FINETUNE_FILE), read_json(EXPORT_FILE)
+    tags = hardware.describe() | {"hardware.device": finetuned["device"], "hardware.precision": finetuned["precision"]}
+    tags |= {"git.commit": tracking.git_commit(), "model.name": str(tracking.without_credentials(params.model.name)), "model.revision": str(finetuned["base_model_revision"])}
+    if digest := processed_md5():
+        tags["data.processed_md5"] = digest
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = exp_name
+    values = flatten(params) | {f"train.{key}": finetuned[key] for key in RESOLVED if key in finetuned}
+    with mlflow.start_run(experiment_id=experiment, run_name=exp_name, tags=tags) as run:
+        mlflow.log_params({key: tracking.without_credentials(value) for key, value in values.items()})
+        mlflow.log_metrics(run_metrics())
+        now = int(time.time() * 1000)
+        curves = [Metric(key, float(row[key]), now, int(row["epoch"])) for row in pd.read_csv(EPOCHS_FILE).to_dict("records") for key in ("train_loss", "val_loss", "val_accuracy")]
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
+        log_datasets(params, digest)
+        for name in ARTIFACTS:
+            mlflow.log_artifact(str(METRICS / name))
+        example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
+        tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=export["candidate"])
+    return run.info.run_id
+
+
+def main() -> None:
+    params = load_params()
+    quiet_transformers()
+    uri = tracking.tracking_uri()
+    try:
+        run_id = log_run(params, uri)
+    except Exception as err:
+        if not tracking.is_store_failure(err):
+            raise
+        tracking.report_outage(uri, err, params.tracking.required)
+        return
+    print(f"track: MLflow run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
