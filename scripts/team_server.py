@@ -5,7 +5,7 @@ store (moto's server mode) for the artifacts and the DVC remote, and `mlflow ser
 
 It prints the lines to export in each clone. PostgreSQL keeps its data in `--dir` between starts;
 moto keeps objects in memory only, so a lasting server puts its artifacts in real object storage
-(`mlflow server --artifacts-destination s3://...`, see the README's "Working as a team").
+(`mlflow server --artifacts-destination s3://...`, see docs/team.md).
 """
 from __future__ import annotations
 
