@@ -318,3 +318,32 @@ def test_two_data_parallel_processes_train_as_one_logs_once_and_resume(small_tre
     finetune_in_a_subprocess(project, killer_env("finetune", "transformers.trainer_callback:CallbackHandler.on_save", 2, "after"), status=2)
     assert "finetune: resuming from models/checkpoints/" in finetune_in_a_subprocess(project)
     pd.testing.assert_frame_equal(pd.read_csv(project / "metrics/finetune_epochs.csv"), two)
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_each_epoch_is_in_the_epochs_file_while_training_runs(processed, tmp_path, mode):
+    """`dvc plots show` / `dvc exp show` follow a running experiment: the first epoch's row is on disk
+    before the stage ends, and the rows written as epochs ended are the final table."""
+    import subprocess
+
+    project = tmp_path / "project"
+    shutil.copytree(processed, project)
+    epochs = 400 if mode == "head" else 12  # head epochs take milliseconds: enough of them to outlast a look
+    set_params(project, train__mode=mode, train__epochs=epochs, train__lr=1e-3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    if mode == "head":
+        for split in ("train", "val"):
+            subprocess.run([sys.executable, "-m", "stages.features", split], cwd=project, env=env, check=True, capture_output=True)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epochs_file = project / finetune.EPOCHS_FILE
+    seen = None
+    while stage.poll() is None and seen is None:
+        rows = pd.read_csv(epochs_file) if epochs_file.exists() and epochs_file.stat().st_size else None
+        seen = rows if rows is not None and len(rows) >= 1 else None
+        time.sleep(0.01)
+    output = stage.communicate()[0]
+    assert stage.returncode == 0, output[-3000:]
+    assert seen is not None and len(seen) < epochs, "the stage ended before any epoch showed in the file"
+    final = pd.read_csv(epochs_file)
+    assert list(final["epoch"]) == list(range(1, epochs + 1))
+    pd.testing.assert_frame_equal(seen, final.head(len(seen)), check_exact=False, rtol=1e-12)
