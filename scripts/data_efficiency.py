@@ -180,7 +180,9 @@ def log_to_mlflow(paths: list[Path]) -> None:
         with mlflow.start_run(experiment_id=tracking.use_experiment(load_params().tracking.experiment), run_name="data-efficiency"):
             for path in paths:
                 mlflow.log_artifact(str(path))
-    except Exception as err:  # noqa: BLE001  (the report is written; MLflow is the extra copy)
+    except Exception as err:
+        if not tracking.is_store_failure(err):  # a bug here, not an outage
+            raise
         print(f"warning: data_efficiency: not logged to MLflow ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr)
 
 

@@ -75,14 +75,12 @@ def log_datasets(params: Params, digest: str | None) -> None:
         mlflow.log_input(dataset, context=name)
 
 
-def log_run(params: Params, uri: str) -> str:
+def log_run(params: Params) -> str:
     """Make the run; its id."""
     import mlflow
     from mlflow.entities import Metric
 
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = tracking.experiment_id(params.tracking.experiment, tracking.artifact_location())
+    experiment = tracking.use_experiment(params.tracking.experiment)
     finetuned, export = read_json(FINETUNE_FILE), read_json(EXPORT_FILE)
     tags = hardware.describe() | {"hardware.device": finetuned["device"], "hardware.precision": finetuned["precision"]}
     tags |= {"git.commit": tracking.git_commit(), "model.name": str(tracking.without_credentials(params.model.name)), "model.revision": str(finetuned["base_model_revision"])}
@@ -110,7 +108,7 @@ def main() -> None:
     quiet_transformers()
     uri = tracking.tracking_uri()
     try:
-        run_id = log_run(params, uri)
+        run_id = log_run(params)
     except Exception as err:
         if not tracking.is_store_failure(err):
             raise

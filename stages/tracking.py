@@ -168,6 +168,14 @@ def experiment_id(name: str, location: str | None) -> str:
             return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def use_experiment(name: str) -> str:
+    """Point MLflow at the project's store (reached once, briefly); the id of experiment `name` there."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return experiment_id(name, artifact_location())
+
+
 def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
     """Log an image-classification model directory to the active run with the transformers flavour (a class
     MLflow cannot rebuild: as `stages.pyfuncmodel`'s pyfunc), register it, and alias the new version

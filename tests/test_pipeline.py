@@ -171,10 +171,10 @@ def check_tracked_run(rest: Rest, run: dict, repo: Path, stages_run: set[str]) -
     evaluation, finetune = read_json(repo / "metrics/eval.json"), read_json(repo / "metrics/finetune.json")
     assert metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert metrics["train_images_per_second"] > 0 and metrics["test_eval_images_per_second"] > 0
-    for stage in stages_run - {"track"}:  # each stage's own record of this execution (features@test: features_test)
+    for stage in stages_run - ALWAYS - {"track"}:  # each stage's own record of this execution (features@test: features_test)
         costs = read_json(repo / "metrics/stages" / f"{stage.replace('@', '_')}.json")
         assert {f"{stage.replace('@', '_')}_{key}": value for key, value in costs.items()}.items() <= metrics.items(), stage
-        assert costs["peak_memory_mib"] > 10 and costs["seconds"] > costs["startup_seconds"] > 0, stage
+        assert costs["peak_memory_mib"] > 10 and costs["seconds"] >= costs["startup_seconds"] > 0, stage
     history = rest.get("metrics/get-history", run_id=run_id, metric_key="val_accuracy")["metrics"]
     assert [m["step"] for m in history] == [1, 2]
     assert tags["hardware.device"] == DEVICE and tags["hardware.precision"] == "fp32"
