@@ -5,7 +5,7 @@ train.epochs as finetune resolved them), every number in metrics/*.json, the per
 stepped metrics (metrics/finetune_epochs.csv), the hardware and library versions, each stage's
 start-up, wall time and peak memory (metrics/stages/), the processed splits as MLflow datasets with
 the digest dvc.lock holds for data/processed, the figures, and the exported model, registered as
-`tracking.registered_model` (stages/tracking.py: the alias rules). No other stage imports MLflow, so
+`tracking.registered_model` (log_model: the alias rules). No other stage imports MLflow, so
 an execution that fails before the end has no run: DVC shows it.
 
 If the store cannot be reached, or fails (connection, HTTP or database errors), the stage prints one
@@ -14,13 +14,22 @@ Any other error while logging is a bug here and raises.
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
+import subprocess
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import mlflow
 import pandas as pd
 import yaml
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2 as codes
 
 from stages import hardware, tracking
 from stages.dataformat import EVAL_FILE, EXPORT_DIR, EXPORT_FILE, PREDICTIONS_FILE, PROCESSED_DIR, PROCESSED_SPLITS, load_labels, read_json, read_raw
@@ -31,6 +40,7 @@ from stages.params import Params, flatten, load_params
 METRICS = Path("metrics")
 FINETUNE_FILE, EPOCHS_FILE = METRICS / "finetune.json", METRICS / "finetune_epochs.csv"
 RESOLVED = ("lr", "epochs", "head_lr", "head_epochs")  # finetune.json's train.* values resolved from `auto`
+MODEL_ALIAS = "candidate"  # the newest version that passed export's sanity bar
 ARTIFACTS = ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "reliability.png", "eval_per_class.csv")
 
 
@@ -63,34 +73,29 @@ def processed_md5() -> str | None:
 
 def log_datasets(params: Params, digest: str | None) -> None:
     """The processed splits as the run's inputs: their labels, the source they came from, DVC's digest."""
-    import mlflow
-
     # MLflow registers its local-file source twice and warns that it is ambiguous.
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
     for name in PROCESSED_SPLITS:
         indices, classes = load_labels(name)
         labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
-        source = str(tracking.without_credentials(params.data.source))
+        source = str(without_credentials(params.data.source))
         dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest and digest.removesuffix(".dir"))
         mlflow.log_input(dataset, context=name)
 
 
 def log_run(params: Params) -> str:
     """Make the run; its id."""
-    import mlflow
-    from mlflow.entities import Metric
-
     experiment = tracking.use_experiment(params.tracking.experiment)
     finetuned, export = read_json(FINETUNE_FILE), read_json(EXPORT_FILE)
     tags = hardware.describe() | {"hardware.device": finetuned["device"], "hardware.precision": finetuned["precision"]}
-    tags |= {"git.commit": tracking.git_commit(), "model.name": str(tracking.without_credentials(params.model.name)), "model.revision": str(finetuned["base_model_revision"])}
+    tags |= {"git.commit": git_commit(), "model.name": str(without_credentials(params.model.name)), "model.revision": str(finetuned["base_model_revision"])}
     if digest := processed_md5():
         tags["data.processed_md5"] = digest
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
     values = flatten(params) | {f"train.{key}": finetuned[key] for key in RESOLVED if key in finetuned}
     with mlflow.start_run(experiment_id=experiment, run_name=exp_name, tags=tags) as run:
-        mlflow.log_params({key: tracking.without_credentials(value) for key, value in values.items()})
+        mlflow.log_params({key: without_credentials(value) for key, value in values.items()})
         mlflow.log_metrics(run_metrics())
         now = int(time.time() * 1000)
         curves = [Metric(key, float(row[key]), now, int(row["epoch"])) for row in pd.read_csv(EPOCHS_FILE).to_dict("records") for key in ("train_loss", "val_loss", "val_accuracy")]
@@ -99,8 +104,78 @@ def log_run(params: Params) -> str:
         for name in ARTIFACTS:
             mlflow.log_artifact(str(METRICS / name))
         example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
-        tracking.log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=export["candidate"])
+        log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=export["candidate"])
     return run.info.run_id
+
+
+def git_commit() -> str:
+    """The commit the experiment is based on (DVC says so for experiments), else HEAD."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else "none"
+
+
+def without_credentials(value: object) -> object:
+    """A URL's user:password@ part removed: a parameter may name a source that carries a token."""
+    if not isinstance(value, str) or "@" not in value or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
+    """Log an image-classification model directory to the active run with the transformers flavour (a class
+    MLflow cannot rebuild: as `stages.pyfuncmodel`'s pyfunc), register it, and alias the new version
+    `candidate` when `alias` (the export stage's sanity bar passed) and no newer version holds the alias."""
+    import transformers
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    from stages import pyfuncmodel
+
+    # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
+    # from, and a relative `models/export` is a valid Hub id (a minute of retries offline).
+    classify = transformers.pipeline("image-classification", model=str(model_dir.resolve()))
+    [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
+    example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
+    card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
+    # MLflow's default list for image models names torchvision, which the pipeline does not use.
+    logged = dict(
+        name="model",
+        input_example=example,
+        signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
+        pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
+        registered_model_name=registered_name,
+    )
+    if hasattr(transformers, type(classify.model).__name__):
+        info = mlflow.transformers.log_model(classify, task="image-classification", model_card=card, model_config={"top_k": 1}, **logged)
+    else:  # a class MLflow's transformers loader cannot rebuild: the same model as a pyfunc around pipeline()
+        logged["pip_requirements"] += [f"{p}=={version(p)}" for p in ("pandas", "efficientnet-lite-pytorch")]
+        del logged["signature"]  # MLflow takes it from predict's type hint (a list of strings in)
+        info = mlflow.pyfunc.log_model(
+            python_model=pyfuncmodel.__file__, artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(__file__).parent)], **logged
+        )
+    if not alias:
+        print(f"track: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")
+        return
+    client, number = mlflow.MlflowClient(), int(info.registered_model_version)
+    holder = aliased_version(client, registered_name)
+    if holder > number:  # an execution running at the same time registered after this one and passed the bar too
+        print(f"track: registered {registered_name} version {number}; @{MODEL_ALIAS} stays on the newer version {holder}")
+        return
+    client.set_registered_model_alias(registered_name, MODEL_ALIAS, str(number))
+    print(f"track: registered {registered_name} version {number} as @{MODEL_ALIAS}")
+
+
+def aliased_version(client, registered_name: str) -> int:
+    """The version that holds the alias `candidate`, 0 for none."""
+    try:
+        return int(client.get_model_version_by_alias(registered_name, MODEL_ALIAS).version)
+    except MlflowException as err:  # no such alias: MLflow answers INVALID_PARAMETER_VALUE ("... not found")
+        if err.error_code not in {codes.ErrorCode.Name(c) for c in (codes.INVALID_PARAMETER_VALUE, codes.RESOURCE_DOES_NOT_EXIST)}:
+            raise
+        return 0
 
 
 def main() -> None:

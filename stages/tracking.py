@@ -1,4 +1,4 @@
-"""The MLflow store the track stage logs to, what counts as its failure, and the model registry's rules.
+"""The MLflow store the track stage logs to, and what counts as its failure.
 
 The store defaults to `mlflow.db` (SQLite) in the project root, also for queued and `--temp`
 experiments, which DVC runs in a copy under .dvc/tmp/exps/ and deletes; MLFLOW_TRACKING_URI overrides
@@ -8,19 +8,15 @@ workers may open a new SQLite store at once: its creation is serialised by a fil
 """
 from __future__ import annotations
 
-import base64
 import fcntl
-import io
 import logging
 import os
 import sqlite3
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 # Before MLflow configures its loggers on import: its INFO lines (database set-up) are not the stage's.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -39,7 +35,6 @@ from stages.errors import PipelineError  # noqa: E402
 from stages.hub import project_root  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # also when MLflow was imported before
-MODEL_ALIAS = "candidate"
 REACH_TIMEOUT_S = 10  # a server busy with other clients may take seconds; a closed port fails at once
 
 
@@ -118,22 +113,6 @@ def report_outage(uri: str, err: BaseException, required: bool) -> None:
     )
 
 
-def git_commit() -> str:
-    """The commit the experiment is based on (DVC says so for experiments), else HEAD."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        return os.environ["DVC_EXP_BASELINE_REV"]
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return done.stdout.strip() if done.returncode == 0 else "none"
-
-
-def without_credentials(value: object) -> object:
-    """A URL's user:password@ part removed: a parameter may name a source that carries a token."""
-    if not isinstance(value, str) or "@" not in value or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 def check_reachable(uri: str) -> None:
     """Ask an HTTP server once, briefly, rather than through MLflow's retries."""
     if uri.startswith(("http://", "https://")):
@@ -174,57 +153,3 @@ def use_experiment(name: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return experiment_id(name, artifact_location())
-
-
-def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
-    """Log an image-classification model directory to the active run with the transformers flavour (a class
-    MLflow cannot rebuild: as `stages.pyfuncmodel`'s pyfunc), register it, and alias the new version
-    `candidate` when `alias` (the export stage's sanity bar passed) and no newer version holds the alias."""
-    import transformers
-    from huggingface_hub import ModelCard
-    from PIL import Image
-
-    from stages import pyfuncmodel
-
-    # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
-    # from, and a relative `models/export` is a valid Hub id (a minute of retries offline).
-    classify = transformers.pipeline("image-classification", model=str(model_dir.resolve()))
-    [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
-    example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
-    card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
-    # MLflow's default list for image models names torchvision, which the pipeline does not use.
-    logged = dict(
-        name="model",
-        input_example=example,
-        signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
-        pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
-        registered_model_name=registered_name,
-    )
-    if hasattr(transformers, type(classify.model).__name__):
-        info = mlflow.transformers.log_model(classify, task="image-classification", model_card=card, model_config={"top_k": 1}, **logged)
-    else:  # a class MLflow's transformers loader cannot rebuild: the same model as a pyfunc around pipeline()
-        logged["pip_requirements"] += [f"{p}=={version(p)}" for p in ("pandas", "efficientnet-lite-pytorch")]
-        del logged["signature"]  # MLflow takes it from predict's type hint (a list of strings in)
-        info = mlflow.pyfunc.log_model(
-            python_model=pyfuncmodel.__file__, artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(__file__).parent)], **logged
-        )
-    if not alias:
-        print(f"track: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")
-        return
-    client, number = mlflow.MlflowClient(), int(info.registered_model_version)
-    holder = aliased_version(client, registered_name)
-    if holder > number:  # an execution running at the same time registered after this one and passed the bar too
-        print(f"track: registered {registered_name} version {number}; @{MODEL_ALIAS} stays on the newer version {holder}")
-        return
-    client.set_registered_model_alias(registered_name, MODEL_ALIAS, str(number))
-    print(f"track: registered {registered_name} version {number} as @{MODEL_ALIAS}")
-
-
-def aliased_version(client: mlflow.MlflowClient, registered_name: str) -> int:
-    """The version that holds the alias `candidate`, 0 for none."""
-    try:
-        return int(client.get_model_version_by_alias(registered_name, MODEL_ALIAS).version)
-    except MlflowException as err:  # no such alias: MLflow answers INVALID_PARAMETER_VALUE ("... not found")
-        if err.error_code not in {codes.ErrorCode.Name(c) for c in (codes.INVALID_PARAMETER_VALUE, codes.RESOURCE_DOES_NOT_EXIST)}:
-            raise
-        return 0

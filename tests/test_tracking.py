@@ -108,9 +108,9 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_a_queued_experiment
 
 
 def test_credentials_in_a_url_are_not_logged():
-    assert tracking.without_credentials("https://user:hf_secret@example.org/data.tgz") == "https://example.org/data.tgz"
-    assert tracking.without_credentials("uoft-cs/cifar10") == "uoft-cs/cifar10"
-    assert tracking.without_credentials(0.01) == 0.01
+    assert track.without_credentials("https://user:hf_secret@example.org/data.tgz") == "https://example.org/data.tgz"
+    assert track.without_credentials("uoft-cs/cifar10") == "uoft-cs/cifar10"
+    assert track.without_credentials(0.01) == 0.01
 
 
 def test_the_gallery_shows_the_most_confidently_wrong_images_first():
@@ -217,7 +217,7 @@ def test_a_model_below_the_sanity_bar_is_registered_without_the_candidate_alias(
     out = capsys.readouterr().out
     assert "registered cifar10-classifier version 1 as @candidate" in out and "registered cifar10-classifier version 2, not aliased @candidate" in out
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("cifar10-classifier", tracking.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
+    assert str(client.get_model_version_by_alias("cifar10-classifier", track.MODEL_ALIAS).version) == "1"  # the alias stays on the sane version
     assert len(client.search_model_versions("name='cifar10-classifier'")) == 2
 
 
@@ -228,14 +228,14 @@ def test_the_alias_stays_on_a_newer_version_registered_by_an_execution_running_a
         info = log_transformers(*args, **kwargs)
         client = mlflow.MlflowClient()
         newer = client.create_model_version("cifar10-classifier", client.get_model_version("cifar10-classifier", info.registered_model_version).source)
-        client.set_registered_model_alias("cifar10-classifier", tracking.MODEL_ALIAS, newer.version)
+        client.set_registered_model_alias("cifar10-classifier", track.MODEL_ALIAS, newer.version)
         return info
 
     monkeypatch.setattr(mlflow.transformers, "log_model", and_meanwhile_another_execution)
     export_says_candidate(True)
     track.main()
     assert "registered cifar10-classifier version 1; @candidate stays on the newer version 2" in capsys.readouterr().out
-    assert str(mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", tracking.MODEL_ALIAS).version) == "2"
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", track.MODEL_ALIAS).version) == "2"
 
 
 @pytest.mark.parametrize("kind", ["vit", "efficientnet-lite0"])
@@ -257,7 +257,7 @@ def test_every_registered_model_loads_with_pyfunc_and_predicts_as_its_pipeline(k
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     with mlflow.start_run():
-        tracking.log_model(model_dir, "classifier", image.read_bytes(), str(model_dir))
+        track.log_model(model_dir, "classifier", image.read_bytes(), str(model_dir))
     registered = mlflow.pyfunc.load_model("models:/classifier@candidate")
     [expected] = pipeline("image-classification", model=str(model_dir))(str(image), top_k=1)
     for given in (str(image), base64.b64encode(image.read_bytes()).decode()):  # a path, and what the input example holds
