@@ -1,17 +1,19 @@
-"""Typed parameters from params.yaml, validated in one place.
+"""Typed parameters from params.yaml, validated in one place (pydantic dataclasses).
 
 Every stage calls `load_params()`. A missing, unknown or out-of-range key stops the stage at once
-with one line that names the key and what is allowed.
+with one line that names the key and what is allowed: each field's `description` is that text.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
+from typing import Annotated
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from stages.errors import PipelineError
 from stages.hub import local_path
@@ -22,112 +24,103 @@ EMBEDDED_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lit
 EMBEDDED_CHOICES = "efficientnet-lite0, -lite1 or -lite2 (embedded)"
 
 
-@dataclass(frozen=True)
+def _yaml_number(value: object) -> object:
+    """YAML 1.1 reads `5e-05` (how DVC writes -S train.lr=5e-5) as a string: accept it as a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+# Strict: `yes` is no bool, 2.5 no int, true no number; an int is a number.
+Number = Annotated[float, Strict(), BeforeValidator(_yaml_number)]
+Int = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, not ignored
+
+
+def allowed(description: str, **constraints) -> object:
+    """A field: its constraints, and the words a bad value's error gives as what is allowed."""
+    return Field(description=description, **constraints)
+
+
+@dataclass(frozen=True, config=SECTION)
 class DataParams:
-    source: str  # Hub dataset id, folder <split>/<class>/<image>, or .tgz/.tar.gz/.zip of one
-    val_fraction: float  # share of the drawn train images held out for model selection
-    test_fraction: float  # share of the test split that is evaluated, drawn stratified
-    storage_size: int | None  # square side images of mixed sizes are stored at; None: the model's input size
-
-    def validate(self) -> None:
-        _require(bool(self.source.strip()), "data.source", self.source, "a Hub dataset id or a local folder/archive")
-        _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
-        _require(0 < self.test_fraction <= 1, "data.test_fraction", self.test_fraction, "a number in (0, 1]")
-        _require(self.storage_size is None or self.storage_size >= 8, "data.storage_size", self.storage_size, "null or an integer >= 8")
+    source: Text = allowed("a Hub dataset id or a local folder/archive", pattern=r"\S")  # folder <split>/<class>/<image>, or .tgz/.zip of one
+    val_fraction: Number = allowed("a number in (0, 1)", gt=0, lt=1)  # share of the drawn train images held out for model selection
+    test_fraction: Number = allowed("a number in (0, 1]", gt=0, le=1)  # share of the test split that is evaluated, drawn stratified
+    storage_size: Int | None = allowed("null or an integer >= 8", ge=8)  # square side images of mixed sizes are stored at; None: the model's input size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ModelParams:
-    name: str  # Hub model id, a save_pretrained directory, or one of EMBEDDED_MODELS
-    image_size: int | None  # input side in pixels; None keeps the model's own (224 for both defaults)
-
-    def validate(self) -> None:
-        _require(bool(self.name.strip()), "model.name", self.name, f"a Hub id, a local model directory or {EMBEDDED_CHOICES}")
-        _require(self.image_size is None or self.image_size >= 32, "model.image_size", self.image_size, "null or an integer >= 32")
+    name: Text = allowed(f"a Hub id, a local model directory or {EMBEDDED_CHOICES}", pattern=r"\S")  # or one of EMBEDDED_MODELS
+    image_size: Int | None = allowed("null or an integer >= 32", ge=32)  # input side in pixels; None keeps the model's own
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
 MODES = ("full", "head", "head-then-full")
 
 
-@dataclass(frozen=True)
+def one_of(options: tuple[str, ...]) -> object:
+    return allowed(f"one of {', '.join(options)}", pattern=f"^({'|'.join(options)})$")
+
+
+@dataclass(frozen=True, config=SECTION)
 class TrainParams:
-    mode: str  # full: train every weight; head: train the classifier on cached frozen-backbone features; head-then-full: both, in turn
-    epochs: int  # of the full phase in head-then-full
-    batch_size: int
-    lr: float  # of the full phase in head-then-full
-    head_lr: float  # head-then-full: the head phase's
-    head_epochs: int  # head-then-full: the head phase's
-    weight_decay: float
-    warmup_ratio: float  # share of the steps spent warming the learning rate up
-    augment: bool  # random horizontal flips of training images
-    precision: str  # auto: bf16 where the hardware runs it fast, else fp32
-    processes: int  # data-parallel processes (torchrun) of the Trainer's training; batch_size stays the global batch
+    mode: Text = one_of(MODES)  # full: every weight; head: the classifier on cached frozen-backbone features; head-then-full: both, in turn
+    epochs: Int = allowed("an integer >= 1 or auto", ge=1)  # of the full phase in head-then-full
+    batch_size: Int = allowed("an integer >= 1", ge=1)
+    lr: Number = allowed("a number > 0 or auto", gt=0)  # of the full phase in head-then-full
+    head_lr: Number = allowed("a number > 0 or auto", gt=0)  # head-then-full: the head phase's
+    head_epochs: Int = allowed("an integer >= 1 or auto", ge=1)  # head-then-full: the head phase's
+    weight_decay: Number = allowed("a number >= 0", ge=0)
+    warmup_ratio: Number = allowed("a number in [0, 1)", ge=0, lt=1)  # share of the steps spent warming the learning rate up
+    augment: Flag = allowed("true or false")  # random horizontal flips of training images
+    precision: Text = one_of(PRECISIONS)  # auto: bf16 where the hardware runs it fast, else fp32
+    processes: Int = allowed("an integer >= 1", ge=1)  # data-parallel processes (torchrun) of full training; batch_size stays the global batch
 
-    def validate(self) -> None:
-        _require(self.mode in MODES, "train.mode", self.mode, f"one of {', '.join(MODES)}")
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1 or auto")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.lr > 0, "train.lr", self.lr, "a number > 0 or auto")
-        _require(self.head_epochs >= 1, "train.head_epochs", self.head_epochs, "an integer >= 1 or auto")
-        _require(self.head_lr > 0, "train.head_lr", self.head_lr, "a number > 0 or auto")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
-        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        _require(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
-        _require(
-            self.mode == "head" or self.batch_size % self.processes == 0, "train.batch_size", self.batch_size,
-            f"a multiple of train.processes ({self.processes}): it is the global batch, split evenly over the processes",
-        )
+    @model_validator(mode="after")
+    def batch_splits_evenly(self) -> TrainParams:
+        if self.mode != "head" and self.batch_size % self.processes:
+            raise PipelineError(
+                f"params.yaml: train.batch_size={self.batch_size!r} is invalid; allowed: a multiple of train.processes ({self.processes}): "
+                "it is the global batch, split evenly over the processes"
+            )
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class EvaluateParams:
-    batch_size: int
-
-    def validate(self) -> None:
-        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+    batch_size: Int = allowed("an integer >= 1", ge=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ExportParams:
-    check_images: int  # test images the exported model classifies through pipeline(...)
-    max_mean_probability_diff: float  # largest allowed mean |exported - evaluated| class probability on them
-
-    def validate(self) -> None:
-        _require(self.check_images >= 1, "export.check_images", self.check_images, "an integer >= 1")
-        _require(0 < self.max_mean_probability_diff < 1, "export.max_mean_probability_diff", self.max_mean_probability_diff, "a number in (0, 1)")
+    check_images: Int = allowed("an integer >= 1", ge=1)  # test images the exported model classifies through pipeline(...)
+    max_mean_probability_diff: Number = allowed("a number in (0, 1)", gt=0, lt=1)  # largest allowed mean |exported - evaluated| class probability
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TrackingParams:
-    experiment: str  # MLflow experiment the runs are filed under
-    registered_model: str  # MLflow registry name the exported model is registered under
-    required: bool  # fail a stage when MLflow cannot log, instead of warning and carrying on
-
-    def validate(self) -> None:
-        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
-        _require(bool(self.registered_model.strip()), "tracking.registered_model", self.registered_model, "a non-empty name")
+    experiment: Text = allowed("a non-empty name", pattern=r"\S")  # MLflow experiment the runs are filed under
+    registered_model: Text = allowed("a non-empty name", pattern=r"\S")  # MLflow registry name of the exported model
+    required: Flag = allowed("true or false")  # track fails when MLflow cannot log, instead of warning
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Params:
-    seed: int
-    fraction: float  # share of the train split used, drawn stratified by class
-    data: DataParams
-    model: ModelParams
-    train: TrainParams
-    evaluate: EvaluateParams
-    export: ExportParams
-    tracking: TrackingParams
-
-    def validate(self) -> None:
-        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _require(0 < self.fraction <= 1, "fraction", self.fraction, "a number in (0, 1]")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value.validate()
+    seed: Int = allowed("an integer >= 0", ge=0)
+    fraction: Number = allowed("a number in (0, 1]", gt=0, le=1)  # share of the train split used, drawn stratified by class
+    data: DataParams = allowed("a mapping of keys to values")
+    model: ModelParams = allowed("a mapping of keys to values")
+    train: TrainParams = allowed("a mapping of keys to values")
+    evaluate: EvaluateParams = allowed("a mapping of keys to values")
+    export: ExportParams = allowed("a mapping of keys to values")
+    tracking: TrackingParams = allowed("a mapping of keys to values")
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -135,53 +128,22 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: {allowed}")
 
 
-def _coerce(key: str, value: object, kind: object) -> object:
-    """YAML 1.1 reads `5e-05` (how DVC writes -S train.lr=5e-5) as a string: accept it as a number."""
-    options = typing.get_args(kind)
-    if type(None) in options:  # `int | None`: null allowed
-        if value is None:
-            return None
-        kind = next(option for option in options if option is not type(None))
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        allowed = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
-        auto = " or auto" if key.removeprefix("train.") in AUTO_KEYS else ""
-        raise PipelineError(f"params.yaml: {key}={value!r} is invalid; allowed: {allowed}{auto}")
-    return value
-
-
-def _build(cls: type, raw: object, prefix: str) -> object:
-    if not isinstance(raw, dict):
-        raise PipelineError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise PipelineError(f"params.yaml: unknown key {prefix}{unknown[0]}; allowed keys: {', '.join(prefix + n for n in names)}")
-    values = {}
-    for name in names:
-        key = prefix + name
-        if name not in raw:
-            raise PipelineError(f"params.yaml: missing key {key}; add it (see the README's parameter table)")
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], key + ".")
-        else:
-            values[name] = _coerce(key, raw[name], kind)
-    return cls(**values)
+def _one_line(err: ValidationError) -> PipelineError:
+    """pydantic's first complaint as the project's one line: the key, and what is allowed there."""
+    first = err.errors()[0]
+    *parents, name = first["loc"] or ("",)
+    section = Params
+    for parent in parents:
+        section = section.__pydantic_fields__[parent].annotation
+    prefix = "".join(f"{parent}." for parent in parents)
+    key = f"{prefix}{name}"
+    if first["type"] == "missing":
+        return PipelineError(f"params.yaml: missing key {key}; add it (see the README's parameter table)")
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return PipelineError(f"params.yaml: unknown key {key}; allowed keys: {', '.join(prefix + f.name for f in fields(section))}")
+    if first["type"] == "dataclass_type":
+        return PipelineError(f"params.yaml: {key or 'the file'} must be a mapping of keys to values")
+    return PipelineError(f"params.yaml: {key}={first['input']!r} is invalid; allowed: {section.__pydantic_fields__[name].description}")
 
 
 @dataclass(frozen=True)
@@ -231,9 +193,10 @@ def _resolve_auto(raw: dict) -> dict:
 
 def params_from_dict(raw: dict) -> Params:
     """Typed, validated params, with `auto` values resolved: what every stage and MLflow see."""
-    params = _build(Params, _resolve_auto(raw) if isinstance(raw, dict) else raw, "")
-    params.validate()
-    return params
+    try:
+        return TypeAdapter(Params).validate_python(_resolve_auto(raw) if isinstance(raw, dict) else raw)
+    except ValidationError as err:
+        raise _one_line(err) from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

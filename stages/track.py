@@ -34,7 +34,6 @@ from mlflow.protos import databricks_pb2 as codes
 from stages import hardware, tracking
 from stages.dataformat import EVAL_FILE, EXPORT_DIR, EXPORT_FILE, PREDICTIONS_FILE, PROCESSED_DIR, PROCESSED_SPLITS, load_labels, read_json, read_raw
 from stages.errors import STAGE_COSTS_DIR, run_stage
-from stages.modeling import quiet_transformers
 from stages.params import Params, flatten, load_params
 
 METRICS = Path("metrics")
@@ -135,7 +134,9 @@ def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_
     from PIL import Image
 
     from stages import pyfuncmodel
+    from stages.modeling import quiet_transformers
 
+    quiet_transformers()
     # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
     # from, and a relative `models/export` is a valid Hub id (a minute of retries offline).
     classify = transformers.pipeline("image-classification", model=str(model_dir.resolve()))
@@ -182,7 +183,6 @@ def aliased_version(client, registered_name: str) -> int:
 
 def main() -> None:
     params = load_params()
-    quiet_transformers()
     uri = tracking.tracking_uri()
     try:
         run_id = log_run(params)

@@ -169,8 +169,8 @@ CASES = [
     Case("model-folder-without-config", "inputs", "without config.json", make=model(lambda p: model_folder(p, "no-config", None, True))),
     Case("model-a-text-model", "inputs", "not an image-classification model (model_type bert)", make=model(lambda p: model_folder(p, "bert", BERT, True))),
     Case("model-without-weights", "inputs", "config.json but no weights", make=model(lambda p: model_folder(p, "no-weights", VIT, False))),
-    # tracking: a closed server when tracking is required stops the first tracked stage DVC runs
-    Case("tracking-server-closed", "download", "MLflow", {"tracking__required": True}, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
+    # tracking: a closed server when tracking is required stops track, the one stage that logs to MLflow
+    Case("tracking-server-closed", "track", "MLflow", {"tracking__required": True}, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
 ]
 
 

@@ -109,7 +109,7 @@ def test_non_finite_weights_fail_in_one_line_before_anything_is_written(tiny_vit
         export.check_finite_weights(broken)
 
 
-def test_export_of_non_finite_weights_writes_and_registers_nothing(tiny_vit, tmp_path, monkeypatch):
+def test_export_of_non_finite_weights_writes_nothing(tiny_vit, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -121,7 +121,6 @@ def test_export_of_non_finite_weights_writes_and_registers_nothing(tiny_vit, tmp
     (tmp_path / PREDICTIONS_FILE).parent.mkdir(parents=True)
     (tmp_path / PREDICTIONS_FILE).write_text("index,actual,predicted,confidence\n")
     (tmp_path / EVAL_FILE).write_text(json.dumps({"accuracy": 0.5, "precision": "fp32"}))
-    monkeypatch.setattr(export.tracking, "log_model", lambda *a, **k: pytest.fail("registered a model with non-finite weights"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="non-finite values"):
         export.main()
