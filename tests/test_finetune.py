@@ -296,12 +296,8 @@ def test_two_data_parallel_processes_train_as_one_logs_once_and_resume(small_tre
         assert summary["world_size"] == processes and (f"x {processes} processes" in output) == (processes > 1)
         curves[processes] = pd.read_csv(project / "metrics/finetune_epochs.csv")
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    [tracked] = mlflow.search_runs(search_all_experiments=True, output_format="list")  # the launcher's alone
-    assert tracked.data.metrics["world_size"] == 2
-    assert [m.step for m in mlflow.MlflowClient().get_metric_history(tracked.info.run_id, "val_accuracy")] == [1, 2, 3]
+    # each epoch's row written once, by the first process alone (track logs them to MLflow from this file)
+    assert list(curves[2]["epoch"]) == [1, 2, 3]
 
     # The tolerance (the tiny ViT is a new random one each session, and the two samplers order the images
     # differently): the training loss averaged over the epochs within 10%, the best validation accuracy within
