@@ -52,15 +52,14 @@ from transformers import (
 from stages import figures
 from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
 from stages.checkpoints import Checkpoints, checkpoints_for, inputs_fingerprint
-from stages.dataformat import FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
+from stages.dataformat import EPOCHS_FILE, FINETUNE_FILE, FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, quiet_transformers, split_logits
 from stages.params import Params, load_params
 
-METRICS_FILE = Path("metrics/finetune.json")
+METRICS_FILE = FINETUNE_FILE
 SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
-EPOCHS_FILE = Path("metrics/finetune_epochs.csv")
 EPOCH_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy"]
 CURVES_PNG = Path("metrics/learning_curves.png")
 CHECKPOINTS_ENV = "FINETUNE_CHECKPOINTS"  # the data-parallel processes' checkpoint folder

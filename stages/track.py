@@ -32,12 +32,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2 as codes
 
 from stages import hardware, tracking
-from stages.dataformat import EVAL_FILE, EXPORT_DIR, EXPORT_FILE, PREDICTIONS_FILE, PROCESSED_DIR, PROCESSED_SPLITS, load_labels, read_json, read_raw
+from stages.dataformat import (
+    EPOCHS_FILE, EVAL_FILE, EXPORT_DIR, EXPORT_FILE, FINETUNE_FILE, PREDICTIONS_FILE, PROCESSED_DIR, PROCESSED_SPLITS, load_labels, read_json, read_raw,
+)
 from stages.errors import STAGE_COSTS_DIR, run_stage
 from stages.params import Params, flatten, load_params
 
 METRICS = Path("metrics")
-FINETUNE_FILE, EPOCHS_FILE = METRICS / "finetune.json", METRICS / "finetune_epochs.csv"
 RESOLVED = ("lr", "epochs", "head_lr", "head_epochs")  # finetune.json's train.* values resolved from `auto`
 MODEL_ALIAS = "candidate"  # the newest version that passed export's sanity bar
 ARTIFACTS = ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "reliability.png", "eval_per_class.csv")
@@ -47,16 +48,15 @@ def numbers(values: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[
     return {prefix + key: float(value) for key, value in values.items() if isinstance(value, (int, float)) and key not in skip}
 
 
-def run_metrics() -> dict[str, float]:
-    """Every number the stages wrote, under the names the runs have always had."""
+def run_metrics(splits: dict[str, tuple]) -> dict[str, float]:
+    """Every number the stages wrote, under the names the runs have always had; `splits`: load_labels of each."""
     metrics = numbers(read_json(FINETUNE_FILE), skip=RESOLVED) | numbers(read_json(METRICS / "finetune_speed.json"))
     for path in (EVAL_FILE, METRICS / "eval_speed.json"):  # test_accuracy, test_ece, ..., test_eval_images_per_second
         metrics |= {"test_" + key.removeprefix("test_"): value for key, value in numbers(read_json(path)).items()}
     per_class = pd.read_csv(METRICS / "eval_per_class.csv")
     metrics |= {f"test_f1.{row['class']}": float(row["f1-score"]) for row in per_class.to_dict("records")}
     metrics |= numbers(read_json(EXPORT_FILE), prefix="export_")
-    for name in PROCESSED_SPLITS:
-        labels, classes = load_labels(name)
+    for name, (labels, classes) in splits.items():
         metrics |= {f"data.{name}_images": len(labels), "data.classes": len(classes)}
     for costs in sorted(STAGE_COSTS_DIR.glob("*.json")):  # features@train: features_train_seconds
         if costs.stem == "track":  # (an earlier execution's: this one's is written once the run is made)
@@ -72,16 +72,15 @@ def processed_md5() -> str | None:
     return next((out["md5"] for out in outs if out["path"] == str(PROCESSED_DIR)), None)
 
 
-def log_datasets(params: Params, digest: str | None) -> None:
+def log_datasets(params: Params, digest: str | None, splits: dict[str, tuple]) -> None:
     """The processed splits as the run's inputs: their labels, the source they came from, DVC's digest."""
-    # MLflow registers its local-file source twice and warns that it is ambiguous.
-    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-    for name in PROCESSED_SPLITS:
-        indices, classes = load_labels(name)
-        labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
-        source = str(without_credentials(params.data.source))
-        dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest and digest.removesuffix(".dir"))
-        mlflow.log_input(dataset, context=name)
+    source = str(without_credentials(params.data.source))
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        for name, (indices, classes) in splits.items():
+            labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
+            dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest and digest.removesuffix(".dir"))
+            mlflow.log_input(dataset, context=name)
 
 
 def log_run(params: Params) -> str:
@@ -95,13 +94,14 @@ def log_run(params: Params) -> str:
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
     values = flatten(params) | {f"train.{key}": finetuned[key] for key in RESOLVED if key in finetuned}
+    splits = {name: load_labels(name) for name in PROCESSED_SPLITS}
     with mlflow.start_run(experiment_id=experiment, run_name=exp_name, tags=tags) as run:
         mlflow.log_params({key: without_credentials(value) for key, value in values.items()})
-        mlflow.log_metrics(run_metrics())
+        mlflow.log_metrics(run_metrics(splits))
         now = int(time.time() * 1000)
         curves = [Metric(key, float(row[key]), now, int(row["epoch"])) for row in pd.read_csv(EPOCHS_FILE).to_dict("records") for key in ("train_loss", "val_loss", "val_accuracy")]
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
-        log_datasets(params, digest)
+        log_datasets(params, digest, splits)
         for name in ARTIFACTS:
             mlflow.log_artifact(str(METRICS / name))
         example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
