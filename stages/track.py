@@ -80,7 +80,20 @@ def log_datasets(params: Params, digest: str | None, splits: dict[str, tuple]) -
         for name, (indices, classes) in splits.items():
             labels = pd.DataFrame({"label": [classes[i] for i in indices.tolist()]})
             dataset = mlflow.data.from_pandas(labels, source=source, targets="label", name=f"processed-{name}", digest=digest and digest.removesuffix(".dir"))
-            mlflow.log_input(dataset, context=name)
+            log_input(dataset, context=name)
+
+
+def log_input(dataset, context: str, tries: int = 3) -> None:
+    """mlflow.log_input, tried again when the store says the dataset row exists: two executions of one
+    data version logging it at once race in MLflow's find-or-insert (a unique-key error for the second,
+    whose transaction is rolled back); on the next try it finds the row."""
+    for attempt in range(1, tries + 1):
+        try:
+            return mlflow.log_input(dataset, context=context)
+        except MlflowException as err:  # SQLite: "UNIQUE constraint failed"; PostgreSQL: "violates unique constraint"
+            if attempt == tries or "unique constraint" not in err.message.lower():
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def log_run(params: Params) -> str:

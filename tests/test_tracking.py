@@ -18,6 +18,7 @@ from scripts.servers import free_port
 from stages import download, evaluate, export, features, figures, finetune, preprocess, track, tracking
 from stages.dataformat import EXPORT_FILE
 from stages.errors import PipelineError, run_stage
+from stages.params import load_params
 from tests.conftest import ROOT, set_params
 
 
@@ -289,3 +290,32 @@ def test_processes_creating_one_fresh_sqlite_store_at_once_all_log(tmp_path, mon
     mlflow.set_tracking_uri(uri)
     runs = the_runs()
     assert len(runs) == 3 and all(run.data.metrics["data.classes"] == 3 for run in runs)
+
+
+def _log_the_same_split_at_once(start, uri: str, experiment: str) -> None:
+    """What two executions of one data version do at the same moment: log the same processed split."""
+    import numpy as np
+
+    mlflow.set_tracking_uri(uri)
+    params = load_params(ROOT / "params.yaml")
+    with mlflow.start_run(experiment_id=experiment):
+        start.wait()
+        track.log_datasets(params, "0fe908732b2e338566f73c4c0f76d31f.dir", {"train": (np.array([0, 1, 1]), ["cat", "dog"])})
+
+
+def test_executions_logging_the_same_dataset_at_once_all_log_it(tmp_path):
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("cifar10-transfer")
+    fork = multiprocessing.get_context("fork")
+    start = fork.Barrier(6)
+    workers = [fork.Process(target=_log_the_same_split_at_once, args=(start, uri, experiment)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0] * 6
+    runs = the_runs()
+    assert len(runs) == 6 and all([put.dataset.name for put in run.inputs.dataset_inputs] == ["processed-train"] for run in runs)
