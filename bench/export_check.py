@@ -53,9 +53,9 @@ def cifar_folder(target: Path, test_per_class: int, archive: Path = ARCHIVE, tra
 def evaluated_project(root: Path, source: Path, model: str, image_size: int | None) -> Path:
     """A project at `root` whose models/finetuned is `model` with a fresh head, evaluated by the real stage."""
     from stages import evaluate, preprocess
-    from stages.dataformat import FINETUNED_DIR, read_classes
+    from stages.dataformat import FINETUNE_FILE, FINETUNED_DIR, load_split, read_classes
     from stages.download import resolve_source, write_raw
-    from stages.modeling import load_pretrained
+    from stages.modeling import load_pretrained, save_model
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["fraction"], params["data"]["test_fraction"], params["data"]["source"] = 1.0, 1.0, str(source)
@@ -70,8 +70,11 @@ def evaluated_project(root: Path, source: Path, model: str, image_size: int | No
 
         torch.manual_seed(0)  # the fresh head's initialisation
         finetuned, processor = load_pretrained(model, read_classes(), image_size)
-        finetuned.save_pretrained(FINETUNED_DIR)
-        processor.save_pretrained(FINETUNED_DIR)
+        save_model(finetuned, processor, FINETUNED_DIR, load_split("test").pixels.shape[-2:])
+        # What finetune would have recorded for a model it did not train (the export's model card reads it).
+        untrained = {"best_epoch": 0, "best_val_accuracy": 0.0, "train_images": 0, "val_images": 0, "temperature": 1.0, "epochs": 0, "lr": 0.0}
+        FINETUNE_FILE.parent.mkdir(exist_ok=True)
+        FINETUNE_FILE.write_text(json.dumps(untrained | {"device": "cpu", "precision": "fp32", "base_model_revision": None}))
         evaluate.main()
     return root
 
@@ -132,14 +135,14 @@ def main() -> None:
         "# Export check: largest class-probability difference from evaluate",
         "",
         f"{args.test_per_class * 10} real CIFAR-10 test images (stored at their native 32 px), models with a fresh 10-way head (near chance);",
-        "evaluate and the export check's `pipeline()` both in fp32, the check from the original files.",
+        "evaluate (PyTorch's resize, ONNX Runtime) and the export check (PIL's resize, ONNX Runtime) both in fp32, the check from the original files.",
         "",
         "| model | export | max abs diff | mean abs diff | label agreement | evaluated accuracy |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, case, c in rows:
         if "error" in c:
-            lines.append(f"| {label} | {case} | fails: pipeline() cannot run it | | | |")
+            lines.append(f"| {label} | {case} | fails: the runtime cannot run it | | | |")
             continue
         lines.append(f"| {label} | {case} | {c['max_probability_diff']:.2e} | {c['mean_probability_diff']:.2e} | {c['agreement']:.3f} | {c['evaluated_accuracy']:.3f} |")
     out = ROOT / "bench" / "results" / "export_check.md"

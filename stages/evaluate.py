@@ -25,10 +25,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
 from stages import figures
 from stages.calibration import CONFIG_KEY, calibration, expected_calibration_error, reliability_bins
-from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_split, probability_column
+from stages.dataformat import EVAL_FILE, FINETUNED_DIR, PREDICTIONS_FILE, TensorSplit, load_split, probability_column, read_json
 from stages.errors import PipelineError, run_stage
-from stages.modeling import quiet_transformers, split_logits
+from stages.hardware import pick_device
+from stages.inputsize import PROCESSOR_FILE
+from stages.modeling import PixelTransform, quiet_transformers, runtime_batches, split_logits
 from stages.params import Params, load_params
+from stages.runtime import ONNX_FILE
 
 METRICS_FILE = EVAL_FILE
 SPEED_FILE = Path("metrics/eval_speed.json")  # apart, so that eval.json of a deterministic run is deterministic
@@ -38,8 +41,16 @@ MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 RELIABILITY_PNG = Path("metrics/reliability.png")
 
 
+def uses_runtime(params: Params) -> bool:
+    return params.train.mode != "head" and pick_device() == "cpu"
+
+
 def logits_on(test: TensorSplit, params: Params) -> torch.Tensor:
-    """Logits N×classes of every test image by models/finetuned."""
+    """Logits N×classes of every test image by models/finetuned: from the cached features in head mode, else
+    on the CPU by its ONNX graph in ONNX Runtime, on a GPU by PyTorch."""
+    if uses_runtime(params):
+        transform = PixelTransform(read_json(FINETUNED_DIR / PROCESSOR_FILE))
+        return torch.cat(list(runtime_batches(FINETUNED_DIR / ONNX_FILE, transform, test.pixels, params.evaluate.batch_size, "test")))
     model = AutoModelForImageClassification.from_pretrained(FINETUNED_DIR)
     processor = AutoImageProcessor.from_pretrained(FINETUNED_DIR)
     return split_logits(model, processor, "test", test, params, params.evaluate.batch_size)

@@ -4,7 +4,7 @@ Run once per split (`python -m stages.features train|val|test`, a DVC `foreach` 
 caches each split's features by model and data: a learning-rate change re-trains the head in
 seconds, and a new `fraction` or `seed` recomputes train and val but restores the unchanged test
 split's features from the run-cache. The features are what the model's `classifier` receives,
-captured with a hook, so they match the exported model exactly. train.mode=head needs every split's;
+the output of the model with its head removed, so they match the exported model exactly. train.mode=head needs every split's;
 head-then-full trains its head phase on train and val, and evaluates the whole model. Where no
 features are needed the file only records that.
 """
@@ -19,20 +19,23 @@ from safetensors.torch import save_file
 from stages.dataformat import PROCESSED_SPLITS, features_path, load_split
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device
-from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained, quiet_transformers
+from stages.modeling import PixelTransform, check_model_name, classifier_head, forward_batches, load_pretrained, quiet_transformers, runtime_batches, temporary_graph
 from stages.params import Params, load_params
 
 
-def pooled_features(model: torch.nn.Module, transform: PixelTransform, pixels: torch.Tensor, params: Params, desc: str) -> torch.Tensor:
-    """Float32 N×D: the input of the model's classifier head for every image."""
-    captured: list[torch.Tensor] = []
-    hook = classifier_head(model, params.model.name).register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
+def pooled_features(model: torch.nn.Module, transform: PixelTransform, pixel_sets: list[torch.Tensor], params: Params, desc: str) -> list[torch.Tensor]:
+    """Float32 N×D of each set of pixels: the input of the model's classifier head for every image. The
+    model without its head runs on a GPU in PyTorch, on the CPU as its ONNX graph in ONNX Runtime."""
+    head = classifier_head(model, params.model.name)
+    model.classifier = torch.nn.Identity()
+    device, batch_size = pick_device(), params.evaluate.batch_size
     try:
-        for _ in forward_batches(model, transform, pixels, params.evaluate.batch_size, pick_device(), desc):
-            pass
+        if device != "cpu":
+            return [torch.cat([b.cpu() for b in forward_batches(model, transform, pixels, batch_size, device, desc)]) for pixels in pixel_sets]
+        with temporary_graph(model, transform.size or tuple(pixel_sets[0].shape[-2:])) as graph:
+            return [torch.cat(list(runtime_batches(graph, transform, pixels, batch_size, desc))) for pixels in pixel_sets]
     finally:
-        hook.remove()
-    return torch.cat(captured)
+        model.classifier = head
 
 
 def features_needed(mode: str, split: str) -> bool:
@@ -58,9 +61,12 @@ def main() -> None:
     split = load_split(name)
     model, processor = load_pretrained(params.model.name, split.classes, params.model.image_size)
     transform = PixelTransform(processor)
-    tensors = {"features": pooled_features(model, transform, split.pixels, params, f"features {name}"), "labels": split.labels}
-    if name == "train":  # random flips become a choice between two cached feature rows
-        tensors["flipped"] = pooled_features(model, transform, split.pixels.flip(-1), params, "features train, flipped")
+    # Random flips in training become a choice between two cached feature rows.
+    pixel_sets = [split.pixels, split.pixels.flip(-1)] if name == "train" else [split.pixels]
+    features = pooled_features(model, transform, pixel_sets, params, f"features {name}")
+    tensors = {"features": features[0], "labels": split.labels}
+    if name == "train":
+        tensors["flipped"] = features[1]
     save_file(tensors, str(out), metadata=metadata)
     print(f"features {name}: {tuple(tensors['features'].shape)} pooled features -> {out}")
 

@@ -13,7 +13,7 @@ A fresh head sized to the data's classes replaces the pretrained one.
   trained with. The trained head counts as epoch 0 of the full phase: it is kept if no later epoch
   beats it on validation accuracy.
 Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
-and the whole model goes to models/finetuned/. Each epoch's row is added to metrics/finetune_epochs.csv
+and the whole model goes to models/finetuned/, with its ONNX graph (`model.onnx`, stages/runtime.py). Each epoch's row is added to metrics/finetune_epochs.csv
 as the epoch ends, so `dvc plots show` and `dvc exp show` follow a running experiment.
 
 With train.processes N > 1, the Trainer's training (full mode, and the full phase of head-then-full)
@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from stages.checkpoints import Checkpoints, checkpoints_for, inputs_fingerprint
 from stages.dataformat import EPOCHS_FILE, FINETUNE_FILE, FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
-from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, quiet_transformers, split_logits
+from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, quiet_transformers, save_model, split_logits
 from stages.params import Params, load_params
 
 METRICS_FILE = FINETUNE_FILE
@@ -375,10 +374,7 @@ def train_and_save(params: Params, device: str, precision: str, checkpoints: Che
     model, processor, epochs = trained.model, trained.processor, trained.epochs
     temperature = calibrate(model, processor, val, params)
 
-    if FINETUNED_DIR.exists():
-        shutil.rmtree(FINETUNED_DIR)
-    model.save_pretrained(FINETUNED_DIR)
-    processor.save_pretrained(FINETUNED_DIR)
+    save_model(model, processor, FINETUNED_DIR, tuple(train.pixels.shape[-2:]))  # its ONNX graph: what evaluate, export and serving run on a CPU
     best = epochs.loc[epochs["val_accuracy"].idxmax()]
     summary = {
         "best_epoch": int(best["epoch"]),

@@ -8,6 +8,10 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +20,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from stages import efficientnet_lite
+from stages import efficientnet_lite, runtime
 from stages.dataformat import TensorSplit, load_features
 from stages.errors import PipelineError
 from stages.hardware import pick_device
@@ -136,6 +140,56 @@ def forward_batches(model: PreTrainedModel, transform: PixelTransform, pixels: t
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
         batch = transform(pixels[start : start + batch_size].to(device))
         yield model(pixel_values=batch).logits.float()
+
+
+class _Logits(torch.nn.Module):
+    """The model as its ONNX graph computes it: pixel_values in, logits out (no output object)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def save_onnx(model: PreTrainedModel, path: Path, size: tuple[int, int]) -> None:
+    """Write the model's fp32 ONNX graph (runtime.py's layout; any batch size) with torch's exporter, on the CPU."""
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(2, 3, *size)
+    with warnings.catch_warnings():  # torch.export's own deprecation notices about its internals
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            _Logits(model), (example,), str(path), input_names=[runtime.INPUT], output_names=[runtime.OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+        )
+
+
+@torch.inference_mode()
+def runtime_batches(graph: Path, transform: PixelTransform, pixels: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
+    """forward_batches through ONNX Runtime on the CPU, of the model whose graph is `graph`."""
+    runner = runtime.session(graph)
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
+        yield torch.from_numpy(runtime.logits(runner, transform(pixels[start : start + batch_size]).numpy()))
+
+
+def save_model(model: PreTrainedModel, processor: object, folder: Path, stored_size: tuple[int, int]) -> None:
+    """Write `folder` anew: the model and its image processor (save_pretrained) and the model's ONNX graph,
+    at the size the processor resizes to (`stored_size`, the images' own, when it does not resize)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    save_onnx(model, folder / runtime.ONNX_FILE, processor_size(processor.to_dict()) or stored_size)
+
+
+@contextmanager
+def temporary_graph(model: PreTrainedModel, size: tuple[int, int]) -> Iterator[Path]:
+    """The model's ONNX graph in a temporary file, for runtime_batches."""
+    with tempfile.TemporaryDirectory() as folder:
+        graph = Path(folder) / runtime.ONNX_FILE
+        save_onnx(model, graph, size)
+        yield graph
 
 
 @torch.inference_mode()

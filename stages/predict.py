@@ -1,6 +1,7 @@
 """Classify image files with the exported model: `python -m stages.predict IMG...` (or `image-predict`).
 
-Prints one line per image: path, label, score.
+Prints one line per image: path, label, score. Runs the model's ONNX graph (stages/runtime.py): no
+torch or transformers to import, so one photo takes well under a second.
 """
 from __future__ import annotations
 
@@ -9,24 +10,17 @@ from pathlib import Path
 
 from stages.dataformat import EXPORT_DIR, decode_rgb
 from stages.errors import PipelineError, run_stage
+from stages.runtime import ONNX_FILE, ImageClassifier
 
 
 def classify(model_dir: Path, paths: list[Path], top_k: int = 1) -> list[list[dict]]:
-    if not (model_dir / "config.json").exists():
-        raise PipelineError(f"{model_dir} holds no model; run the pipeline first (dvc repro) or pass --model DIR")
+    if not (model_dir / ONNX_FILE).exists():
+        raise PipelineError(f"{model_dir} holds no exported model ({ONNX_FILE}); run the pipeline first (dvc repro) or pass --model DIR")
     for path in paths:
         if not path.is_file():
             raise PipelineError(f"{path}: no such image file")
     images = [decode_rgb(path.read_bytes(), str(path), "give an image file (JPEG, PNG, BMP, GIF, WebP or TIFF)") for path in paths]
-    # Imported here, so `--help` and a wrong path answer at once.
-    from transformers import pipeline
-
-    import stages.efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite, should the model be one)
-    from stages.modeling import quiet_transformers
-
-    quiet_transformers()
-    results = pipeline("image-classification", model=str(model_dir))(images, top_k=top_k)
-    return [results] if top_k and len(images) == 1 and isinstance(results[0], dict) else results
+    return ImageClassifier.load(model_dir).classify(images, top_k)
 
 
 def main(argv: list[str] | None = None) -> None:

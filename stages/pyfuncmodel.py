@@ -1,13 +1,15 @@
-"""The MLflow model for an image classifier whose class transformers does not name (EfficientNet-Lite).
+"""The MLflow model every registered classifier is logged as: the exported directory's ONNX graph.
 
-MLflow's transformers flavour rebuilds a model from the class name transformers exports, so it cannot
-load one registered through `stages.efficientnet_lite`. Such a model is logged as this pyfunc instead:
-the exported directory as an artifact, this package as its code, and `pipeline(...)` at load time.
-It takes and gives what the transformers flavour's image pipelines do (image paths, URLs or base64
-of image files in; each image's top `{label, score}` out), so `mlflow.pyfunc.load_model(...).predict`
-reads the same for every registered model.
+The exported directory is the logged artifact and this package its code; `load_context` loads it with
+stages/runtime.py (ONNX Runtime, numpy, Pillow: no torch or transformers), so `mlflow models serve`
+answers without PyTorch. It takes what MLflow's transformers image pipelines take (image file paths,
+or base64 of image files: what a REST request can carry) and gives each image's top `{label, score}`.
 """
 from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
 
 import mlflow.models
 import mlflow.pyfunc
@@ -16,17 +18,29 @@ import pandas as pd
 MODEL_ARTIFACT = "model"  # the exported model directory, under this key of the logged artifacts
 
 
+def image_bytes(given: str) -> bytes:
+    """An image file's bytes from its path or from base64 of the file."""
+    if len(given) < 4096 and Path(given).is_file():
+        return Path(given).read_bytes()
+    try:
+        return base64.b64decode(given, validate=True)
+    except binascii.Error:
+        raise ValueError(f"input {given[:60]!r} is neither an image file's path nor base64 of an image file") from None
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from transformers import pipeline
+        from stages.runtime import ImageClassifier as Exported
 
-        import stages.efficientnet_lite  # noqa: F401  (registers the class with the Auto classes)
+        self.classifier = Exported.load(Path(context.artifacts[MODEL_ARTIFACT]))
 
-        self.classify = pipeline("image-classification", model=context.artifacts[MODEL_ARTIFACT])
-
-    # The type hint lets MLflow check the input: a list of strings, each an image path, URL or base64 of an image file.
+    # The type hint lets MLflow check the input: a list of strings, each an image path or base64 of an image file.
     def predict(self, model_input: list[str], params: dict | None = None) -> pd.DataFrame:
-        return pd.DataFrame(self.classify(list(model_input), top_k=(params or {}).get("top_k", 1)))
+        from stages.dataformat import decode_rgb
+
+        images = [decode_rgb(image_bytes(given), f"#{i}", "send an image file (JPEG, PNG, ...), base64-encoded") for i, given in enumerate(model_input)]
+        top = [best for best, *_ in self.classifier.classify(images, top_k=1)]
+        return pd.DataFrame(top)
 
 # MLflow's models from code: it runs this file to build the model it loads (no pickled object).
 mlflow.models.set_model(ImageClassifier())

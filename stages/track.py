@@ -15,7 +15,6 @@ Any other error while logging is a bug here and raises.
 from __future__ import annotations
 
 import base64
-import io
 import os
 import subprocess
 import time
@@ -118,7 +117,7 @@ def log_run(params: Params) -> str:
         for name in ARTIFACTS:
             mlflow.log_artifact(str(METRICS / name))
         example = read_raw("test")["image"].iloc[int(pd.read_csv(PREDICTIONS_FILE)["index"].iloc[0])]
-        log_model(EXPORT_DIR, params.tracking.registered_model, example, params.model.name, alias=export["candidate"])
+        log_model(EXPORT_DIR, params.tracking.registered_model, example, alias=export["candidate"])
     return run.info.run_id
 
 
@@ -138,40 +137,21 @@ def without_credentials(value: object) -> object:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def log_model(model_dir: Path, registered_name: str, example_image: bytes, base_model: str, alias: bool = True) -> None:
-    """Log an image-classification model directory to the active run with the transformers flavour (a class
-    MLflow cannot rebuild: as `stages.pyfuncmodel`'s pyfunc), register it, and alias the new version
-    `candidate` when `alias` (the export stage's sanity bar passed) and no newer version holds the alias."""
-    import transformers
-    from huggingface_hub import ModelCard
-    from PIL import Image
-
+def log_model(model_dir: Path, registered_name: str, example_image: bytes, alias: bool = True) -> None:
+    """Log an exported model directory to the active run as `stages.pyfuncmodel`'s pyfunc (its ONNX graph
+    in ONNX Runtime), register it, and alias the new version `candidate` when `alias` (the export stage's
+    sanity bar passed) and no newer version holds the alias."""
     from stages import pyfuncmodel
-    from stages.modeling import quiet_transformers
 
-    quiet_transformers()
-    # An absolute path: MLflow looks the model's license up on the Hub by the name it was loaded
-    # from, and a relative `models/export` is a valid Hub id (a minute of retries offline).
-    classify = transformers.pipeline("image-classification", model=str(model_dir.resolve()))
-    [top] = classify(Image.open(io.BytesIO(example_image)).convert("RGB"), top_k=1)
-    example = [base64.b64encode(example_image).decode()]  # what MLflow's image pipelines take: base64 of an image file
-    card = ModelCard(f"---\nbase_model: {without_credentials(base_model)}\npipeline_tag: image-classification\n---\nFine-tuned by the DVC pipeline.\n")
-    # MLflow's default list for image models names torchvision, which the pipeline does not use.
-    logged = dict(
+    info = mlflow.pyfunc.log_model(
         name="model",
-        input_example=example,
-        signature=mlflow.models.infer_signature(example, [top]),  # {label, score} per image
-        pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "pillow")],
+        python_model=pyfuncmodel.__file__,
+        artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(__file__).parent)],
+        input_example=[base64.b64encode(example_image).decode()],  # what a REST request carries: base64 of an image file
+        pip_requirements=[f"{p}=={version(p)}" for p in ("onnxruntime", "numpy", "pillow", "pandas", "pydantic", "pyyaml")],
         registered_model_name=registered_name,
     )
-    if hasattr(transformers, type(classify.model).__name__):
-        info = mlflow.transformers.log_model(classify, task="image-classification", model_card=card, model_config={"top_k": 1}, **logged)
-    else:  # a class MLflow's transformers loader cannot rebuild: the same model as a pyfunc around pipeline()
-        logged["pip_requirements"] += [f"{p}=={version(p)}" for p in ("pandas", "efficientnet-lite-pytorch")]
-        del logged["signature"]  # MLflow takes it from predict's type hint (a list of strings in)
-        info = mlflow.pyfunc.log_model(
-            python_model=pyfuncmodel.__file__, artifacts={pyfuncmodel.MODEL_ARTIFACT: str(model_dir)}, code_paths=[str(Path(__file__).parent)], **logged
-        )
     if not alias:
         print(f"track: registered {registered_name} version {info.registered_model_version}, not aliased @{MODEL_ALIAS}")
         return

@@ -100,13 +100,14 @@ def test_cached_features_through_the_head_give_the_whole_models_logits_in_any_pr
     transform = PixelTransform(processor)
     params = load_params()
     features = {
-        precision: pooled_features(model, transform, pixels, dataclasses.replace(params, train=dataclasses.replace(params.train, precision=precision)), "features")
+        precision: pooled_features(model, transform, [pixels], dataclasses.replace(params, train=dataclasses.replace(params.train, precision=precision)), "features")[0]
         for precision in ("fp32", "bf16")
     }
     logits = torch.cat(list(forward_batches(model, transform, pixels, 4, "cpu", "logits")))
     assert features["fp32"].shape[0] == 6
     torch.testing.assert_close(features["bf16"], features["fp32"], rtol=0, atol=0)
-    torch.testing.assert_close(model.classifier(features["fp32"]), logits)
+    # on the CPU the features come from ONNX Runtime, the logits from PyTorch: within the runtime's parity
+    torch.testing.assert_close(model.classifier(features["fp32"]), logits, rtol=0, atol=1e-4)
 
 
 def test_head_mode_needs_a_classifier_head():
