@@ -1,7 +1,7 @@
 """Servers started on 127.0.0.1 and a free port, each in a process group of its own that is stopped
 whatever happens: `mlflow server`, an S3-compatible object store (moto's server mode, the `team`
 extra) and PostgreSQL (Debian's `postgresql` package). The team server script and the tests start
-them through these context managers.
+them through these context managers; also `mlflow models serve` of a registered model.
 """
 from __future__ import annotations
 
@@ -72,6 +72,16 @@ def mlflow_server(backend_uri: str, artifacts: str | Path, env: dict[str, str] |
     # Without the job runner and its task consumers (GenAI evaluation jobs): a dozen fewer processes.
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (env or {})
     with process_group(f"mlflow server on {url}", cmd, lambda: answers(f"{url}/health"), env):
+        yield url
+
+
+@contextmanager
+def model_server(model_uri: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` in this environment (--env-manager local); yields its URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with process_group(f"mlflow models serve on {url}", cmd, lambda: answers(f"{url}/ping"), os.environ | (env or {})):
         yield url
 
 

@@ -160,7 +160,7 @@ def save_onnx(model: PreTrainedModel, path: Path, size: tuple[int, int]) -> None
     with warnings.catch_warnings():  # torch.export's own deprecation notices about its internals
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
-            _Logits(model), (example,), str(path), input_names=[runtime.INPUT], output_names=[runtime.OUTPUT],
+            _Logits(model).eval(), (example,), str(path), input_names=[runtime.INPUT], output_names=[runtime.OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
         )
 

@@ -74,6 +74,19 @@ def tiny_vit(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def exported_tiny_vit(tiny_vit, tmp_path_factory) -> Path:
+    """The tiny ViT with a fresh head for the small tree's classes, saved as finetune saves a model (with model.onnx)."""
+    import torch
+
+    from stages.modeling import load_pretrained, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "exported-tiny-vit"
+    save_model(*load_pretrained(str(tiny_vit), list(SMALL_CLASSES)), path, (32, 32))
+    return path
+
+
 def require_debian_package(package: str, installed: bool) -> None:
     """A test that needs a Debian package PyPI lacks (chromium, postgresql) skips, in one line naming it,
     where it is missing; under CI=true it fails instead (`make test` installs both where apt-get can)."""
