@@ -51,7 +51,7 @@ def model_card(params: Params, check: dict) -> str:
     """models/export/README.md: what the model is, what it was trained on and how, how good it is, how to use it."""
     trained, evaluated = read_json(FINETUNE_FILE), read_json(EVAL_FILE)
     source = (read_json(SOURCE_INPUT) or {}) | (read_json(RAW_DIR / "source.json") or {})  # a local source's digest; a Hub one's revision
-    data_digest = f"sha256 {source['sha256']}" if source.get("sha256") else f"Hub revision {source.get('revision') or 'unknown'}"
+    data_digest = f"sha256 {source['sha256']}" if source.get("sha256") else f"Hub revision {source['revision']}" if source.get("revision") else "no digest recorded"
     meta = {"base_model": params.model.name, "pipeline_tag": "image-classification", "library_name": "transformers", "tags": ["onnx", "dvc"]}
     meta["model-index"] = [{"name": EXPORT_DIR.name, "results": [{"task": {"type": "image-classification"}, "metrics": [{"type": "accuracy", "value": evaluated["accuracy"]}]}]}]
     epochs = f"{trained['epochs']} epochs" + (f" after a head phase of {trained['head_epochs']} at lr {trained['head_lr']}" if "head_epochs" in trained else "")

@@ -8,6 +8,7 @@ The last two take the same `from_pretrained` path, with the classifier head repl
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -157,7 +158,10 @@ def save_onnx(model: PreTrainedModel, path: Path, size: tuple[int, int]) -> None
     """Write the model's fp32 ONNX graph (runtime.py's layout; any batch size) with torch's exporter, on the CPU."""
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     example = torch.zeros(2, 3, *size)
-    with warnings.catch_warnings():  # torch.export's own deprecation notices about its internals
+    # Quiet: torch.export's deprecation notices about its own internals, and the exporter's log lines
+    # about torchvision operators it skips (the project uses none).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             _Logits(model).eval(), (example,), str(path), input_names=[runtime.INPUT], output_names=[runtime.OUTPUT],

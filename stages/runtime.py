@@ -29,6 +29,9 @@ def session(path: Path) -> onnxruntime.InferenceSession:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites it made itself
+    # Its threads sleep between batches instead of spinning: the stages prepare each batch in torch on the
+    # same cores (10% more images/s for EfficientNet-Lite0 here).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -37,3 +37,10 @@ def test_it_prints_each_images_label_and_score_as_the_runtime_gives_them(exporte
     assert done.returncode == 0 and done.stderr == "", done.stderr
     expected = ImageClassifier.load(exported_tiny_vit).classify([decode_rgb(p.read_bytes(), str(p)) for p in images], top_k=2)
     assert done.stdout.splitlines() == ["\t".join([str(p)] + [f"{r['label']}\t{r['score']:.4f}" for r in rs]) for p, rs in zip(images, expected)]
+
+
+def test_classifying_imports_neither_torch_nor_transformers(exported_tiny_vit, small_tree):
+    image = next((small_tree / "test/ship").glob("*.jpg"))
+    code = f"import sys; from stages.predict import main; main([{str(image)!r}, '--model', {str(exported_tiny_vit)!r}]); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout

@@ -30,6 +30,7 @@ NOISE = {
     "MLflow's database set-up": re.compile(r"Creating initial MLflow database tables|Updating database tables"),
     "MLflow's failed serving check (auto_map)": re.compile(r"auto_map|Got error|Failed to validate serving input"),
     "a tracking outage warning": re.compile(r"MLflow tracking at .* failed"),
+    "torch's ONNX exporter's chatter": re.compile(r"\[torch\.onnx\]|torchvision is not installed|Exporting a model while it is in training mode"),
 }
 OWN_LINE = {stage: re.compile(rf"^{stage}\b", re.M) for stage in STAGES}
 
@@ -154,10 +155,10 @@ def test_the_model_is_calibrated_on_validation_and_predicts_as_before(project, m
     assert not np.isclose(evaluation["ece"], evaluation["ece_at_temperature_1"])  # the temperature did something
 
 
-@pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.tracking"])
+@pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.export", "stages.pyfuncmodel", "stages.tracking"])
 def test_modules_that_load_no_model_import_no_model_libraries(module):
-    """Importing `stages` imports nothing; download and preprocess load no model, and predict loads
-    transformers only when it classifies: none of them pays for torch, transformers or scikit-learn."""
+    """Importing `stages` imports nothing; download and preprocess load no model, and export, predict and
+    the served model run model.onnx: none of them pays for torch, transformers or scikit-learn."""
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]" and not done.stderr, done.stderr
