@@ -233,7 +233,7 @@ def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny
             for version in versions:
                 image, evaluated_label = a_test_image(repos_by_run[version["run_id"]], tmp_path)
                 model = mlflow.pyfunc.load_model(f"models:/cifar10-classifier/{version['version']}")
-                assert model.predict([str(image)]).iloc[0, 0]["label"] == evaluated_label
+                assert model.predict([str(image)]).iloc[0]["label"] == evaluated_label
             # @candidate: the newest version above chance (a random tiny ViT on 18 test images may not be), whichever finished last
             above_chance = [int(v["version"]) for v in versions if read_json(repos_by_run[v["run_id"]] / "metrics/eval.json")["accuracy"] > 1 / 3]
             if above_chance:
