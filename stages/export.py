@@ -47,9 +47,10 @@ def write_export(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-def model_card(params: Params, check: dict) -> str:
-    """models/export/README.md: what the model is, what it was trained on and how, how good it is, how to use it."""
-    trained, evaluated = read_json(FINETUNE_FILE), read_json(EVAL_FILE)
+def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> str:
+    """models/export/README.md: what the model is, what it was trained on and how, how good it is, how to use it.
+    `evaluated`: metrics/eval.json."""
+    trained = read_json(FINETUNE_FILE)
     source = (read_json(SOURCE_INPUT) or {}) | (read_json(RAW_DIR / "source.json") or {})  # a local source's digest; a Hub one's revision
     data_digest = f"sha256 {source['sha256']}" if source.get("sha256") else f"Hub revision {source['revision']}" if source.get("revision") else "no digest recorded"
     meta = {"base_model": params.model.name, "pipeline_tag": "image-classification", "library_name": "transformers", "tags": ["onnx", "dvc"]}
@@ -57,7 +58,7 @@ def model_card(params: Params, check: dict) -> str:
     epochs = f"{trained['epochs']} epochs" + (f" after a head phase of {trained['head_epochs']} at lr {trained['head_lr']}" if "head_epochs" in trained else "")
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False)}---
-# {params.model.name}, fine-tuned on {len(read_json(FINETUNED_DIR / "config.json")["id2label"])} classes of `{params.data.source}`
+# {params.model.name}, fine-tuned on {n_classes} classes of `{params.data.source}`
 
 - **Base model:** `{params.model.name}`, revision {trained.get("base_model_revision") or "as shipped (local or embedded: its digest is in data/inputs/model.json)"}.
 - **Data:** `{params.data.source}` ({data_digest}); a stratified share `fraction` = {params.fraction} of its train split
@@ -182,7 +183,7 @@ def main() -> None:
     check |= {"candidate": not_candidate is None, "not_candidate_because": not_candidate or ""}
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     METRICS_FILE.write_text(json.dumps(check, indent=2) + "\n")
-    (EXPORT_DIR / "README.md").write_text(model_card(params, check))
+    (EXPORT_DIR / "README.md").write_text(model_card(params, check, evaluation, n_classes))
     print(
         f"export: {EXPORT_DIR}/ classified {check['check_images']} test images ({check['images_from']}) through ONNX Runtime: "
         f"mean probability difference from evaluate {check['mean_probability_diff']:.2e} (allowed {check['allowed_mean_probability_diff']:.2e}; "

@@ -53,7 +53,7 @@ def test_a_near_chance_model_exported_correctly_passes(lite_project, cifar10, ti
     evaluated = json.loads((lite_project / EVAL_FILE).read_text())
     assert card.startswith("---\nbase_model: efficientnet-lite0\npipeline_tag: image-classification\n")
     assert f"**Test accuracy:** {evaluated['accuracy']:.4f} (95% interval {evaluated['accuracy_ci95_low']:.4f}-" in card
-    assert f"`fraction` = 1.0" in card and "## Intended use" in card and str(cifar10) in card
+    assert "`fraction` = 1.0" in card and "## Intended use" in card and str(cifar10) in card
     # a random tiny ViT at its native 32 px: nothing is resized, the probabilities are the same to float rounding
     vit = evaluated_project(tmp_path / "vit", cifar10, str(tiny_vit), None)
     assert run_export(vit)["max_probability_diff"] < 1e-5
