@@ -113,7 +113,7 @@ def main() -> None:
                 continue
             sized = resized(model_dir, size)
             collate = Collate(PixelTransform(AutoImageProcessor.from_pretrained(sized)))
-            _, ours = train(sized, PixelDataset(split, augment=True), collate, OUR_BATCH, 3, 5e-4, ours=True)
+            _, ours = train(sized, PixelDataset(split, "flip"), collate, OUR_BATCH, 3, 5e-4, ours=True)
             row[f"ours full {size} px img/s"] = f"{ours:.1f} (**{ours / seed:.1f}×**)"
         head = head_rate(resized(model_dir, 224), split, epochs=5)
         row["ours head 224 px, 5 epochs, img/s"] = f"{head:.1f} (**{head / seed:.1f}×**)"

@@ -47,6 +47,16 @@ def write_export(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
+def temperature_note(trained: dict) -> str:
+    """Where the model card's temperature came from, as finetune chose it (metrics/finetune.json)."""
+    if "fitted_temperature" not in trained:
+        return "the model has no `classifier` head to fold one into"
+    if trained["temperature"] == 1.0:
+        return (f"left at 1: the {trained['fitted_temperature']:.3f} fitted on the validation split lowered its NLL only from "
+                f"{trained['val_nll']:.4f} to {trained['val_nll_fitted']:.4f}")
+    return f"fitted on the validation split: its NLL {trained['val_nll']:.4f} at temperature 1, {trained['val_nll_fitted']:.4f} at this one"
+
+
 def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> str:
     """models/export/README.md: what the model is, what it was trained on and how, how good it is, how to use it.
     `evaluated`: metrics/eval.json."""
@@ -64,10 +74,11 @@ def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> 
 - **Data:** `{params.data.source}` ({data_digest}); a stratified share `fraction` = {params.fraction} of its train split
   (seed {params.seed}): {trained["train_images"]} training and {trained["val_images"]} validation images.
 - **Recipe:** `train.mode` = {params.train.mode}, {epochs}, lr {trained["lr"]}, batch {params.train.batch_size},
-  {trained["precision"]} on {trained["device"]}; epoch {trained["best_epoch"]} kept (validation accuracy {trained["best_val_accuracy"]:.4f}).
+  {trained["precision"]} on {trained["device"]}; epoch {trained["kept_epoch"]} kept by `train.keep_epoch` = {params.train.keep_epoch} (validation accuracy {trained["kept_val_accuracy"]:.4f}, NLL {trained["kept_val_loss"]:.4f});
+  augmentation {params.train.augment}, label smoothing {params.train.label_smoothing}, mixup {params.train.mixup}.
 - **Test accuracy:** {evaluated["accuracy"]:.4f} (95% interval {evaluated["accuracy_ci95_low"]:.4f}-{evaluated["accuracy_ci95_high"]:.4f})
   on {evaluated["test_images"]} test images; macro F1 {evaluated["macro_f1"]:.4f}.
-- **Calibration:** temperature {evaluated["temperature"]:.3f} (fitted on the validation split, folded into the classifier):
+- **Calibration:** temperature {evaluated["temperature"]:.3f}, folded into the classifier ({temperature_note(trained)}):
   expected calibration error {evaluated["ece"]:.4f} (at temperature 1: {evaluated["ece_at_temperature_1"]:.4f}).
 - **Export check:** {check["check_images"]} test images through `{ONNX_FILE}` from {check["images_from"]}: mean probability
   difference from the evaluated model {check["mean_probability_diff"]:.2e}.

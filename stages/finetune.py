@@ -2,17 +2,23 @@
 
 A fresh head sized to the data's classes replaces the pretrained one.
 - train.mode=full: the transformers Trainer trains every weight, evaluates on the validation share
-  and checkpoints every epoch, keeps the best epoch by validation accuracy, and, when the stage is
+  and checkpoints every epoch, keeps the epoch train.keep_epoch names, and, when the stage is
   re-run after an interruption with the same inputs, resumes from the newest complete checkpoint
   (stages/checkpoints.py: where they live, when they go).
 - train.mode=head: the backbone stays as pretrained; only the head is trained, on the features the
-  features stage cached, in seconds. The best epoch by validation accuracy is kept, as in full mode.
+  features stage cached, in seconds. The epoch train.keep_epoch names is kept, as in full mode.
 - train.mode=head-then-full: head mode first (train.head_lr, train.head_epochs), then full mode from
   that model (train.lr, train.epochs: a smaller step, fewer epochs), so that a fresh head's large early
   gradients do not wreck the pretrained features; BatchNorm layers keep the statistics the head was
-  trained with. The trained head counts as epoch 0 of the full phase: it is kept if no later epoch
-  beats it on validation accuracy.
-Either way a temperature fitted on the validation split is folded into the classifier (stages/calibration.py),
+  trained with. The trained head counts as epoch 0 of the full phase: it is kept if train.keep_epoch
+  prefers it to every later epoch.
+train.keep_epoch: val_loss (the default) keeps the epoch of lowest validation NLL, which moves smoothly
+with the model, where validation accuracy on a few dozen images moves in steps of 1/n and ties often;
+last keeps the schedule's end; val_accuracy the first epoch of highest accuracy. Training minimises
+cross-entropy with train.label_smoothing and train.mixup, on images augmented by train.augment
+(stages/regularisation.py); validation always measures the plain NLL.
+Either way a temperature fitted on the validation split is folded into the classifier where it lowers
+the validation NLL enough (stages/calibration.py),
 and the whole model goes to models/finetuned/, with its ONNX graph (`model.onnx`, stages/runtime.py). Each epoch's row is added to metrics/finetune_epochs.csv
 as the epoch ends, so `dvc plots show` and `dvc exp show` follow a running experiment.
 
@@ -49,13 +55,14 @@ from transformers import (
 )
 
 from stages import figures
-from stages.calibration import CONFIG_KEY, fit_temperature, fold_temperature
+from stages.calibration import CONFIG_KEY, MIN_NLL_GAIN, TemperatureChoice, choose_temperature, fold_temperature
 from stages.checkpoints import Checkpoints, checkpoints_for, inputs_fingerprint
 from stages.dataformat import EPOCHS_FILE, FINETUNE_FILE, FINETUNED_DIR, TensorSplit, load_features, load_split, read_json
 from stages.errors import PipelineError, run_stage
 from stages.hardware import pick_device_and_precision
 from stages.modeling import PixelTransform, base_model_revision, check_model_name, classifier_head, load_pretrained, quiet_transformers, save_model, split_logits
 from stages.params import Params, load_params
+from stages.regularisation import Augment, TrainingLoss
 
 METRICS_FILE = FINETUNE_FILE
 SPEED_FILE = Path("metrics/finetune_speed.json")  # apart, so that finetune.json of a deterministic run is deterministic
@@ -75,19 +82,16 @@ def is_first_process() -> bool:
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Items of a processed split as uint8 tensors; training items are flipped at random."""
+    """Items of a processed split as uint8 tensors; training items augmented by train.augment."""
 
-    def __init__(self, split: TensorSplit, augment: bool):
-        self.split, self.augment = split, augment
+    def __init__(self, split: TensorSplit, augment: str = "none"):
+        self.split, self.augment = split, Augment(augment)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        pixels = self.split.pixels[i]
-        if self.augment and torch.rand(()) < 0.5:
-            pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "labels": self.split.labels[i]}
+        return {"pixel_values": self.augment(self.split.pixels[i]), "labels": self.split.labels[i]}
 
 
 class Collate:
@@ -106,9 +110,40 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+# train.keep_epoch: the column of the epoch table that chooses, and whether larger is better. Ties go to the
+# first such epoch, as the Trainer keeps it; `last` keeps the schedule's end.
+SELECTION = {"val_loss": ("val_loss", False), "val_accuracy": ("val_accuracy", True)}
+TRAINER_METRIC = {"val_loss": "loss", "val_accuracy": "accuracy", "last": "loss"}  # the Trainer's metric_for_best_model
+
+
+def kept_row(epochs: pd.DataFrame, rule: str) -> int:
+    """The index of the epoch train.keep_epoch keeps in an epoch table."""
+    if rule == "last":
+        return int(epochs.index[-1])
+    column, larger = SELECTION[rule]
+    return int(epochs[column].idxmax() if larger else epochs[column].idxmin())
+
+
+class RegularisedTrainer(Trainer):
+    """The Trainer, with train.label_smoothing and train.mixup in its training loss (stages/regularisation.py).
+    Evaluation keeps the model's own plain cross-entropy: the validation NLL that train.keep_epoch reads."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean
+
+    def __init__(self, *args, loss: TrainingLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.training_loss = loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.training_loss(lambda pixels: model(pixel_values=pixels).logits, inputs["pixel_values"], inputs["labels"])
+        return (loss, None) if return_outputs else loss
+
+
 def check_forward(model: torch.nn.Module, collate: Collate, split: TensorSplit, params: Params) -> None:
     """One tiny forward pass, so a model that cannot take these inputs fails now, not mid-epoch."""
-    batch = collate([PixelDataset(split, augment=False)[i] for i in range(min(2, len(split)))])
+    batch = collate([PixelDataset(split)[i] for i in range(min(2, len(split)))])
     try:
         with torch.no_grad():
             model.eval()(**batch)
@@ -179,15 +214,15 @@ class LiveEpochsCallback(TrainerCallback):
         write_epochs(epoch_table(state.log_history).tail(1), append=True)
 
 
-def as_epoch_0(head: Trained) -> pd.DataFrame:
-    """head-then-full: its head phase's best epoch, the full phase's epoch 0."""
-    best = head.epochs.loc[head.epochs["val_accuracy"].idxmax()]
-    return pd.DataFrame([{"epoch": 0} | {k: best[k] for k in EPOCH_COLUMNS[1:]}])
+def as_epoch_0(head: Trained, rule: str) -> pd.DataFrame:
+    """head-then-full: its head phase's kept epoch, the full phase's epoch 0."""
+    kept = head.epochs.loc[kept_row(head.epochs, rule)]
+    return pd.DataFrame([{"epoch": 0} | {k: kept[k] for k in EPOCH_COLUMNS[1:]}])
 
 
 @dataclass
 class Trained:
-    model: PreTrainedModel  # the best epoch's, by validation accuracy
+    model: PreTrainedModel  # the kept epoch's (train.keep_epoch)
     processor: object
     epochs: pd.DataFrame  # one row per epoch: epoch, train_loss, val_loss, val_accuracy
     images_per_second: float  # training throughput
@@ -238,8 +273,8 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_strategy="epoch",
-        metric_for_best_model="accuracy",  # tracked in trainer.state; loaded below, not by the Trainer
-        greater_is_better=True,
+        metric_for_best_model=TRAINER_METRIC[params.train.keep_epoch],  # tracked in trainer.state; loaded below, not by the Trainer
+        greater_is_better=params.train.keep_epoch == "val_accuracy",
         save_total_limit=2,  # the best epoch and the last, to resume from
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
@@ -252,28 +287,31 @@ def train_full(params: Params, train: TensorSplit, val: TensorSplit, device: str
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size() > 1 else None,
         ddp_find_unused_parameters=False,  # every weight gets a gradient: no extra pass over the graph
     )
-    trainer = Trainer(
+    trainer = RegularisedTrainer(
         model=model,
         args=args,
-        train_dataset=PixelDataset(train, augment=params.train.augment),
-        eval_dataset=PixelDataset(val, augment=False),
+        loss=TrainingLoss(params.train.label_smoothing, params.train.mixup),
+        train_dataset=PixelDataset(train, params.train.augment),
+        eval_dataset=PixelDataset(val),
         data_collator=collate,
         processing_class=processor,
         compute_metrics=accuracy,
-        callbacks=[FiniteLossCallback(params), LiveEpochsCallback(as_epoch_0(start).to_dict("records") if start else [])],
+        callbacks=[FiniteLossCallback(params), LiveEpochsCallback(as_epoch_0(start, params.train.keep_epoch).to_dict("records") if start else [])],
     )
     resumed_epochs = read_json(Path(resume) / "trainer_state.json")["epoch"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
     if not is_first_process():
         return None
-    best = AutoModelForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    # `last`: the final checkpoint; save_total_limit keeps it beside the best one.
+    kept = trainer.state.best_model_checkpoint if params.train.keep_epoch != "last" else f"{checkpoints.folder}/checkpoint-{trainer.state.global_step}"
+    model = AutoModelForImageClassification.from_pretrained(kept)
     # Images actually trained on per second: the Trainer's own figure counts padded global batches.
     images_per_second = len(train) * (trainer.state.epoch - resumed_epochs) / result.metrics["train_runtime"]
-    return Trained(best, processor, epoch_table(trainer.state.log_history), images_per_second)
+    return Trained(model, processor, epoch_table(trainer.state.log_history), images_per_second)
 
 
 def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase: str = "") -> Trained:
-    """Only the classifier, on the cached features, in a plain loop: same outputs as train_full.
+    """Only the classifier, on the cached features, in a plain loop: same outputs as train_full, the same train.keep_epoch.
     With `phase` "head_" (head-then-full) for train.head_epochs at train.head_lr."""
     model, processor = load_pretrained(params.model.name, train.classes, params.model.image_size)
     head = classifier_head(model, params.model.name)
@@ -283,16 +321,17 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
     optimizer = torch.optim.AdamW(head.parameters(), lr=getattr(params.train, f"{phase}lr"), weight_decay=params.train.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(params.train.warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(params.seed)
-    rows, best_accuracy, best_state = [], -1.0, None
+    loss_of = TrainingLoss(params.train.label_smoothing, params.train.mixup)
+    rows, states = [], []
     write_epochs(pd.DataFrame(columns=EPOCH_COLUMNS))
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         head.train()
-        flip = torch.rand(n, generator=generator) < 0.5 if params.train.augment else torch.zeros(n, dtype=torch.bool)
+        flip = torch.rand(n, generator=generator) < 0.5 if params.train.augment == "flip" else torch.zeros(n, dtype=torch.bool)
         features = torch.where(flip[:, None], data["flipped"], data["features"])
         losses = []
         for batch in torch.randperm(n, generator=generator).split(batch_size):
-            loss = F.cross_entropy(head(features[batch]), data["labels"][batch])
+            loss = loss_of(head, features[batch], data["labels"][batch])
             loss_value = loss.item()
             check_finite_loss(loss_value, "training", epoch, params, phase)
             optimizer.zero_grad()
@@ -308,15 +347,15 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
         check_finite_loss(val_loss, "validation", epoch, params, phase)
         rows.append({"epoch": epoch, "train_loss": sum(losses) / n, "val_loss": val_loss, "val_accuracy": val_accuracy})
         write_epochs(pd.DataFrame(rows[-1:]), append=True)
-        if val_accuracy > best_accuracy:  # the first best epoch, as the Trainer keeps it
-            best_accuracy, best_state = val_accuracy, copy.deepcopy(head.state_dict())
+        states.append(copy.deepcopy(head.state_dict()))  # a linear layer's weights: small
     seconds = time.perf_counter() - started
-    head.load_state_dict(best_state)
-    return Trained(model, processor, pd.DataFrame(rows), n * epochs / seconds)
+    epochs_table = pd.DataFrame(rows)
+    head.load_state_dict(states[kept_row(epochs_table, params.train.keep_epoch)])
+    return Trained(model, processor, epochs_table, n * epochs / seconds)
 
 
 def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, device: str, precision: str, checkpoints: Checkpoints) -> Trained | None:
-    """Head mode with train.head_lr/head_epochs, then full mode from its best epoch; the trained head is epoch 0.
+    """Head mode with train.head_lr/head_epochs, then full mode from its kept epoch; the trained head is epoch 0.
     The head phase runs on a resume too (seconds, deterministic): epoch 0 and the choice below need it; in
     a data-parallel run every process runs it alike, and only the first goes on after the full phase."""
     head = train_head(params, train, val, phase="head_")
@@ -324,22 +363,28 @@ def train_head_then_full(params: Params, train: TensorSplit, val: TensorSplit, d
     full = train_full(params, train, val, device, precision, checkpoints, start=head)
     if full is None:
         return None
-    epochs = pd.concat([as_epoch_0(head), full.epochs], ignore_index=True)
-    model = head_model if epochs["val_accuracy"].idxmax() == 0 else full.model  # the first best epoch, as elsewhere
+    epochs = pd.concat([as_epoch_0(head, params.train.keep_epoch), full.epochs], ignore_index=True)
+    model = head_model if kept_row(epochs, params.train.keep_epoch) == 0 else full.model  # the same rule as within each phase
     return Trained(model, full.processor, epochs, full.images_per_second)
 
 
-def calibrate(model: PreTrainedModel, processor: object, val: TensorSplit, params: Params) -> float:
-    """Fit the temperature on the validation split and fold it into the classifier (stages/calibration.py):
-    the saved model's probabilities come out calibrated, its predictions unchanged. A model whose head is
-    not named `classifier` (a few transformers models call it `head`) is left as it is, at temperature 1."""
+def calibrate(model: PreTrainedModel, processor: object, val: TensorSplit, params: Params) -> TemperatureChoice | None:
+    """Fit the temperature on the validation split and, where it lowers the validation NLL enough, fold it into
+    the classifier (stages/calibration.py): the saved model's probabilities come out calibrated, its predictions
+    unchanged. None for a model whose head is not named `classifier` (a few transformers models call it
+    `head`): it is left as it is, at temperature 1."""
     if not isinstance(getattr(model, "classifier", None), torch.nn.Module):
         print(f"finetune: {type(model).__name__} has no `classifier` head to fold a temperature into; its probabilities are left uncalibrated")
-        return 1.0
-    temperature = fit_temperature(split_logits(model, processor, "val", val, params, params.train.batch_size), val.labels)
-    fold_temperature(model.classifier, temperature)
-    setattr(model.config, CONFIG_KEY, temperature)  # saved in config.json: what evaluate undoes to report the raw calibration
-    return temperature
+        return None
+    choice = choose_temperature(split_logits(model, processor, "val", val, params, params.train.batch_size), val.labels)
+    if not choice.applied:
+        print(
+            f"finetune: temperature left at 1: the fitted {choice.fitted_temperature:.3f} lowers the validation NLL only from {choice.val_nll:.4f} "
+            f"to {choice.val_nll_fitted:.4f} on {len(val)} images (less than {MIN_NLL_GAIN:.0%}), too little to trust"
+        )
+    fold_temperature(model.classifier, choice.temperature)
+    setattr(model.config, CONFIG_KEY, choice.temperature)  # saved in config.json: what evaluate undoes to report the raw calibration
+    return choice
 
 
 NEAR_CHANCE = 0.05  # validation accuracy this close to 1/classes means the model learned next to nothing
@@ -372,16 +417,18 @@ def train_and_save(params: Params, device: str, precision: str, checkpoints: Che
         return
     seconds = time.perf_counter() - started
     model, processor, epochs = trained.model, trained.processor, trained.epochs
-    temperature = calibrate(model, processor, val, params)
+    choice = calibrate(model, processor, val, params)
 
     save_model(model, processor, FINETUNED_DIR, tuple(train.pixels.shape[-2:]))  # its ONNX graph: what evaluate, export and serving run on a CPU
-    best = epochs.loc[epochs["val_accuracy"].idxmax()]
+    kept = epochs.loc[kept_row(epochs, params.train.keep_epoch)]
     summary = {
-        "best_epoch": int(best["epoch"]),
-        "best_val_accuracy": float(best["val_accuracy"]),
+        "kept_epoch": int(kept["epoch"]),  # by train.keep_epoch
+        "kept_val_accuracy": float(kept["val_accuracy"]),
+        "kept_val_loss": float(kept["val_loss"]),
         "train_images": len(train),
         "val_images": len(val),
-        "temperature": temperature,  # fitted on the validation split, folded into the classifier
+        # temperature: folded into the classifier; fitted_temperature and the validation NLL at 1 and at it: what chose it
+        **(choice.as_dict() if choice else {"temperature": 1.0}),
         "world_size": world_size(),  # data-parallel training processes
     }
     speed = {"train_seconds": round(seconds, 2), "train_images_per_second": round(trained.images_per_second, 2)}
@@ -395,8 +442,12 @@ def train_and_save(params: Params, device: str, precision: str, checkpoints: Che
     METRICS_FILE.write_text(json.dumps(summary | provenance, indent=2) + "\n")
     SPEED_FILE.write_text(json.dumps(speed, indent=2) + "\n")
     on = f"{device}/{precision}" + (f" x {summary['world_size']} processes" if summary["world_size"] > 1 else "")
-    print(f"finetune ({params.train.mode}): best epoch {summary['best_epoch']} with val accuracy {summary['best_val_accuracy']:.4f} on {on}, temperature {temperature:.3f} -> {FINETUNED_DIR}/")
-    warn_if_near_chance(summary["best_val_accuracy"], len(train.classes), params)
+    print(
+        f"finetune ({params.train.mode}): kept epoch {summary['kept_epoch']} of {len(epochs) - 1 if params.train.mode == 'head-then-full' else len(epochs)} "
+        f"(train.keep_epoch={params.train.keep_epoch}; val accuracy {summary['kept_val_accuracy']:.4f}, val loss {summary['kept_val_loss']:.4f}) "
+        f"on {on}, temperature {summary['temperature']:.3f} -> {FINETUNED_DIR}/"
+    )
+    warn_if_near_chance(float(epochs["val_accuracy"].max()), len(train.classes), params)
 
 
 def train_in_processes(params: Params, checkpoints: Checkpoints) -> None:

@@ -63,6 +63,9 @@ class ModelParams:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 MODES = ("full", "head", "head-then-full")
+KEEP_EPOCH = ("val_loss", "last", "val_accuracy")
+AUGMENTS = ("none", "flip", "trivialaugment", "randaugment")  # stages/regularisation.py
+HEAD_AUGMENTS = ("none", "flip")  # what cached features can stand for: each image and its mirror image
 
 
 def one_of(options: tuple[str, ...]) -> object:
@@ -79,9 +82,22 @@ class TrainParams:
     head_epochs: Int = allowed("an integer >= 1 or auto", ge=1)  # head-then-full: the head phase's
     weight_decay: Number = allowed("a number >= 0", ge=0)
     warmup_ratio: Number = allowed("a number in [0, 1)", ge=0, lt=1)  # share of the steps spent warming the learning rate up
-    augment: Flag = allowed("true or false")  # random horizontal flips of training images
+    keep_epoch: Text = one_of(KEEP_EPOCH)  # which epoch's model is kept: lowest validation NLL, the last, or highest validation accuracy
+    augment: Text = one_of(AUGMENTS)  # of training images; head mode: none or flip
+    label_smoothing: Number = allowed("a number in [0, 1)", ge=0, lt=1)  # of the training loss's targets
+    mixup: Number = allowed("a number >= 0 (0: off)", ge=0)  # alpha of the Beta(alpha, alpha) mixing weight; 0: off
     precision: Text = one_of(PRECISIONS)  # auto: bf16 where the hardware runs it fast, else fp32
     processes: Int = allowed("an integer >= 1", ge=1)  # data-parallel processes (torchrun) of full training; batch_size stays the global batch
+
+    @model_validator(mode="after")
+    def head_mode_augments_by_flips(self) -> TrainParams:
+        if self.mode == "head" and self.augment not in HEAD_AUGMENTS:
+            raise PipelineError(
+                f"params.yaml: train.augment={self.augment!r} is invalid in train.mode=head; allowed: {' or '.join(HEAD_AUGMENTS)}: "
+                "head mode trains on the cached features of each image and its mirror image; "
+                f"{self.augment} needs train.mode full or head-then-full"
+            )
+        return self
 
     @model_validator(mode="after")
     def batch_splits_evenly(self) -> TrainParams:

@@ -66,7 +66,7 @@ def test_a_finite_loss_trains_as_before(processed, tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["features", split])
         features.main()
     finetune.main()
-    assert (FINETUNED_DIR / "config.json").exists() and yaml.safe_load(finetune.METRICS_FILE.read_text())["best_epoch"] in (1, 2)
+    assert (FINETUNED_DIR / "config.json").exists() and yaml.safe_load(finetune.METRICS_FILE.read_text())["kept_epoch"] in (1, 2)
     assert not (project / checkpoints.CHECKPOINTS_DIR).exists()  # head mode trains in seconds: no checkpoint folder
 
 
@@ -173,7 +173,7 @@ def test_the_full_phase_starts_from_the_trained_head_weight_for_weight(processed
 
     head_run = finetuned(processed, tmp_path / "head", monkeypatch, train__mode="head", train__lr=3e-3, train__epochs=3)
     head = AutoModelForImageClassification.from_pretrained(head_run / FINETUNED_DIR)
-    head_best = yaml.safe_load((head_run / finetune.METRICS_FILE).read_text())["best_val_accuracy"]
+    head_best = yaml.safe_load((head_run / finetune.METRICS_FILE).read_text())["kept_val_accuracy"]
 
     started_from, trained = [], []
     real_train_full = finetune.train_full
@@ -285,7 +285,7 @@ def test_two_data_parallel_processes_train_as_one_logs_once_and_resume(small_tre
         (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
         set_params(
             project, fraction=1.0, data__source=str(small_tree), data__val_fraction=0.25, data__test_fraction=1.0, model__name=str(tiny_vit),
-            train__mode="full", train__epochs=3, train__batch_size=8, train__lr=3e-3, train__augment=False, train__precision="fp32",
+            train__mode="full", train__epochs=3, train__batch_size=8, train__lr=3e-3, train__augment="none", train__precision="fp32",
             train__processes=processes,
         )
         with working_directory(project):

@@ -102,7 +102,7 @@ def test_a_killed_finetune_resumes_from_its_newest_complete_checkpoint(reference
     # the Trainer's best checkpoint survived every kill, and is the one kept (whole: transformers 5 renames ViT
     # weights on load), then calibrated
     state = json.loads((checkpoints / "checkpoint-28/trainer_state.json").read_text())
-    assert state["best_metric"] == json.loads((repo / "metrics/finetune.json").read_text())["best_val_accuracy"]
+    assert state["best_metric"] == json.loads((repo / "metrics/finetune.json").read_text())["kept_val_loss"]
     assert_same_weights(repo / "models/finetuned", Path(state["best_model_checkpoint"]), unfold_temperature=True)
 
     # the next resumes from the last checkpoint (nothing left to train) and finishes, removing the checkpoints;

@@ -155,7 +155,7 @@ def test_the_run_holds_every_result_the_stages_wrote(project, monkeypatch, capsy
     evaluation, finetuned = (json.loads(Path(f"metrics/{name}.json").read_text()) for name in ("eval", "finetune"))
     metrics = run.data.metrics
     assert metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"]) and metrics["test_ece"] == pytest.approx(evaluation["ece"])
-    assert metrics["best_val_accuracy"] == pytest.approx(finetuned["best_val_accuracy"])
+    assert metrics["kept_val_accuracy"] == pytest.approx(finetuned["kept_val_accuracy"])
     assert metrics["export_mean_probability_diff"] == pytest.approx(json.loads(EXPORT_FILE.read_text())["mean_probability_diff"])
     assert (metrics["data.classes"], metrics["data.train_images"], metrics["data.test_images"]) == (3, 54, 18)
     for stage in ("download", "preprocess", "features_train", "features_test", "finetune", "evaluate", "export"):
