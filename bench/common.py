@@ -27,8 +27,9 @@ REPEATS = 3
 SAMPLE_S = 0.02  # how often run_stage samples the memory of a stage's processes
 
 
-def run_stage(name: str, params: dict, work: Path) -> tuple[float, float]:
-    """Run one pipeline stage in `work` with `params`: (wall seconds, peak RSS in MiB). The peak is of the
+def run_stage(name: str, params: dict, work: Path, *args: str) -> tuple[float, float]:
+    """Run one pipeline stage in `work` with `params` (and command-line `args`, as `features train`): (wall
+    seconds, peak RSS in MiB). The peak is of the
     stage's process and its decoding workers together, sampled every SAMPLE_S: each worker's shared
     libraries count once per process, so it errs high."""
     import psutil
@@ -36,7 +37,7 @@ def run_stage(name: str, params: dict, work: Path) -> tuple[float, float]:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    stage = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stage = subprocess.Popen([sys.executable, "-m", f"stages.{name}", *args], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     process, peak = psutil.Process(stage.pid), 0
     while stage.poll() is None:
         try:

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from stages import efficientnet_lite
-from stages.calibration import CONFIG_KEY, calibration, expected_calibration_error, fit_temperature, fold_temperature, reliability_bins
+from stages.calibration import CONFIG_KEY, MIN_NLL_GAIN, calibration, choose_temperature, expected_calibration_error, fit_temperature, fold_temperature, reliability_bins
 from stages.modeling import PixelTransform, classifier_head, load_pretrained
 from tests.test_modeling import cifar_images
 
@@ -33,6 +33,19 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with():
     probs = logits.softmax(-1).numpy()
     scaled = (logits / fit_temperature(logits, labels)).softmax(-1).numpy()
     assert expected_calibration_error(scaled, labels.numpy()) < expected_calibration_error(probs, labels.numpy()) / 3
+
+
+def test_a_temperature_is_applied_only_where_it_lowers_the_validation_nll_enough():
+    generator = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(200, 10, generator=generator)
+    for drawn_with, applied in ((2.5, True), (1.0, False)):  # overconfident: T fits far from 1; calibrated: near 1
+        labels = torch.multinomial((logits / drawn_with).softmax(-1), 1, generator=generator).squeeze(1)
+        choice = choose_temperature(logits, labels)
+        assert choice.fitted_temperature == pytest.approx(fit_temperature(logits, labels))
+        assert choice.val_nll == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), labels)))
+        gain = 1 - choice.val_nll_fitted / choice.val_nll
+        assert choice.applied is applied and (gain >= MIN_NLL_GAIN) is applied
+        assert choice.temperature == (choice.fitted_temperature if applied else 1.0)
 
 
 @pytest.mark.parametrize("name", ["tiny-vit", efficientnet_lite.NAME])

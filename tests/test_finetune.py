@@ -343,3 +343,55 @@ def test_each_epoch_is_in_the_epochs_file_while_training_runs(processed, tmp_pat
     final = pd.read_csv(epochs_file)
     assert list(final["epoch"]) == list(range(1, epochs + 1))
     pd.testing.assert_frame_equal(seen, final.head(len(seen)), check_exact=False, rtol=1e-12)
+
+
+def validation_nll(project: Path) -> float:
+    """The plain NLL on the validation split of the model finetune saved, its folded temperature undone."""
+    import torch
+    from torch.nn import functional as F
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from stages.calibration import CONFIG_KEY
+    from stages.dataformat import load_split
+    from stages.modeling import split_logits
+    from stages.params import load_params
+
+    params, val = load_params(project / "params.yaml"), load_split("val", project / "data/processed")
+    model = AutoModelForImageClassification.from_pretrained(project / FINETUNED_DIR)
+    processor = AutoImageProcessor.from_pretrained(project / FINETUNED_DIR)
+    logits = split_logits(model, processor, "val", val, params, 8) * getattr(model.config, CONFIG_KEY)
+    return float(F.cross_entropy(logits.double(), val.labels.long()))
+
+
+def test_the_saved_model_is_the_epoch_train_keep_epoch_names(processed, tmp_path, monkeypatch):
+    kept = {}
+    for rule in ("val_loss", "last", "val_accuracy"):
+        finetuned(processed, tmp_path / rule, monkeypatch, train__mode="head", train__lr=3e-2, train__epochs=6, train__keep_epoch=rule)
+        epochs, summary = pd.read_csv(finetune.EPOCHS_FILE), json.loads(finetune.METRICS_FILE.read_text())
+        row = {"val_loss": epochs["val_loss"].idxmin(), "last": len(epochs) - 1, "val_accuracy": epochs["val_accuracy"].idxmax()}[rule]
+        kept[rule] = summary["kept_epoch"]
+        assert kept[rule] == epochs["epoch"][row] and summary["kept_val_loss"] == epochs["val_loss"][row]
+        assert validation_nll(tmp_path / rule) == pytest.approx(epochs["val_loss"][row], rel=1e-4)  # that epoch's weights
+    assert kept["last"] == 6 and len(set(kept.values())) >= 2  # the rules chose apart on this run
+
+
+def test_full_training_regularises_its_loss_and_still_selects_on_the_plain_validation_nll(processed, tmp_path, monkeypatch):
+    calls = []
+
+    class Counted(finetune.TrainingLoss):
+        def __call__(self, forward, inputs, labels):
+            calls.append((self.label_smoothing, self.mixup, len(labels)))
+            return super().__call__(forward, inputs, labels)
+
+    monkeypatch.setattr(finetune, "TrainingLoss", Counted)
+    project = finetuned(
+        processed, tmp_path / "project", monkeypatch, train__mode="full", train__epochs=2, train__lr=1e-3,
+        train__augment="trivialaugment", train__label_smoothing=0.3, train__mixup=0.4,
+    )
+    # every training step, and only those: 27 training images in batches of 8, for 2 epochs
+    assert calls == [(0.3, 0.4, n) for n in (8, 8, 8, 3) * 2]
+    epochs, summary = pd.read_csv(finetune.EPOCHS_FILE), json.loads(finetune.METRICS_FILE.read_text())
+    row = epochs["val_loss"].idxmin()
+    assert summary["kept_epoch"] == epochs["epoch"][row]
+    # the validation loss the epoch was chosen by is the kept model's plain NLL: no smoothing, no mixup, no augmentation
+    assert validation_nll(project) == pytest.approx(epochs["val_loss"][row], rel=1e-4)

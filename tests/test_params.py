@@ -53,6 +53,10 @@ def test_repo_params_load_with_the_documented_defaults():
         ("train.precision", "fp8"),
         ("train.mode", "frozen"),
         ("train.augment", "yes"),
+        ("train.augment", True),
+        ("train.keep_epoch", "best"),
+        ("train.label_smoothing", 1),
+        ("train.mixup", -0.2),
         ("data.test_fraction", 0),
         ("data.val_fraction", 1),
         ("model.image_size", 4),
@@ -118,3 +122,14 @@ def test_an_explicit_number_wins_over_auto_and_a_saved_model_is_known_by_its_con
     raw = with_value("train.mode", "full")
     raw["model"]["name"], raw["train"]["lr"] = str(tmp_path), "auto"
     assert params_from_dict(raw).train.lr == 5e-4
+
+
+def test_head_mode_allows_only_the_augmentation_its_cached_features_hold():
+    for augment in ("none", "flip"):
+        assert params_from_dict(with_value("train.augment", augment)).train.augment == augment
+    with pytest.raises(PipelineError, match=r"train\.augment='trivialaugment' is invalid in train\.mode=head; allowed: none or flip: .*needs train\.mode full or head-then-full") as refused:
+        params_from_dict(with_value("train.augment", "trivialaugment"))
+    assert "\n" not in str(refused.value)
+    full = with_value("train.augment", "randaugment")
+    full["train"]["mode"] = "head-then-full"
+    assert params_from_dict(full).train.augment == "randaugment"
