@@ -6,12 +6,15 @@
 # fraction and seed; bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
 # Usage: bash bench/accuracy_grid.sh MODEL MODE...   e.g. efficientnet-lite0 head full head-then-full
 #        (hours on 2 CPU cores; FRACTIONS="0.01" SEEDS="42" narrow it; BENCH_REPO=DIR keeps the
-#        repo and its experiments for scripts/data_efficiency.py, see bench/fresh_repo.sh)
+#        repo and its experiments for scripts/data_efficiency.py, see bench/fresh_repo.sh;
+#        EXTRA="train.augment=trivialaugment train.mixup=0.2" sets more params, the run's `recipe` column)
 source "$(dirname "$0")/fresh_repo.sh"
 
 model=$1; shift
 modes=("$@")
 common=(-S "model.name=$model" -S "data.source=$archive" -S data.test_fraction=1.0)
+for assignment in ${EXTRA:-}; do common+=(-S "$assignment"); done
+recipe=${EXTRA:-defaults}
 # lr and epochs: each mode's `auto` recipe; full mode at 128 px (4x faster on a CPU), the others at the model's own size
 declare -A recipe=(
   [head]="-S train.mode=head -S model.image_size=null -S train.lr=auto -S train.epochs=auto"
@@ -32,15 +35,16 @@ for mode in "${modes[@]}"; do
       dvc exp run "${common[@]}" ${recipe[$mode]} -S fraction=$fraction -S seed=$seed > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
       secs=$(python -c "print(f'{$(date +%s.%N) - $start:.1f}')")
       ran=$(grep -o "Running stage '[a-z@]*'" "$log" | cut -d"'" -f2 | paste -sd' ' -)
-      python - "$runs" "$model" "$mode" "$fraction" "$seed" "$secs" "$ran" <<'PY'
+      python - "$runs" "$model" "$mode" "$fraction" "$seed" "$recipe" "$secs" "$ran" <<'PY'
 import json, sys
 from pathlib import Path
-runs, model, mode, fraction, seed, secs, ran = sys.argv[1:]
-header = "model,mode,fraction,seed,accuracy,ci95_low,ci95_high,test_images,train_images,ece,ece_at_temperature_1,wall_seconds,stages_run"
+runs, model, mode, fraction, seed, recipe, secs, ran = sys.argv[1:]
+header = "model,mode,fraction,seed,recipe,accuracy,ci95_low,ci95_high,test_images,train_images,ece,ece_at_temperature_1,kept_epoch,temperature,wall_seconds,stages_run"
 e, f = json.load(open("metrics/eval.json")), json.load(open("metrics/finetune.json"))
-row = f"{model},{mode},{fraction},{seed},{e['accuracy']:.4f},{e['accuracy_ci95_low']:.4f},{e['accuracy_ci95_high']:.4f},{e['test_images']},{f['train_images']},{e['ece']:.4f},{e['ece_at_temperature_1']:.4f},{secs},{ran}"
+row = (f"{model},{mode},{fraction},{seed},{recipe},{e['accuracy']:.4f},{e['accuracy_ci95_low']:.4f},{e['accuracy_ci95_high']:.4f},{e['test_images']},"
+       f"{f['train_images']},{e['ece']:.4f},{e['ece_at_temperature_1']:.4f},{f['kept_epoch']},{f['temperature']:.3f},{secs},{ran}")
 path = Path(runs)
-kept = [r for r in (path.read_text().splitlines()[1:] if path.exists() else []) if r.split(",")[:4] != row.split(",")[:4]]
+kept = [r for r in (path.read_text().splitlines()[1:] if path.exists() else []) if r.split(",")[:5] != row.split(",")[:5]]
 path.write_text("\n".join([header, *kept, row]) + "\n")
 print(row)
 PY

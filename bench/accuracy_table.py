@@ -14,8 +14,8 @@ MODE_ORDER = {"head": 0, "full": 1, "head-then-full": 2}
 
 def main() -> None:
     runs = pd.read_csv(RESULTS / "accuracy_runs.csv")
-    runs = runs.sort_values(["model", "mode", "fraction", "seed"], key=lambda c: c.map(MODE_ORDER) if c.name == "mode" else c)
-    summary = runs.groupby(["model", "mode", "fraction"], sort=False).agg(
+    runs = runs.sort_values(["model", "mode", "fraction", "recipe", "seed"], key=lambda c: c.map(MODE_ORDER) if c.name == "mode" else c)
+    summary = runs.groupby(["model", "mode", "fraction", "recipe"], sort=False).agg(
         seeds=("seed", "count"),
         accuracy_mean=("accuracy", "mean"),
         accuracy_std=("accuracy", "std"),
@@ -31,22 +31,27 @@ def main() -> None:
         f"{runs['test_images'].iloc[0]:,} CIFAR-10 test images (`bash bench/accuracy_grid.sh MODEL MODE...`), "
         "each mode with its `auto` recipe; full mode at `model.image_size: 128`, the others at the model's own size. "
         "ECE: expected calibration error on the test split after temperature scaling (before it); runs made before "
-        "calibration existed have none.",
+        "calibration existed have none. `recipe`: the params set beyond the mode's (`EXTRA=` of the grid); runs made "
+        "before 2026-12-07 kept the epoch of highest validation accuracy and always applied the fitted temperature, "
+        "later ones follow the code's defaults (`train.keep_epoch: val_loss`, the temperature gate of stages/calibration.py).",
         "",
-        "| model | train.mode | fraction | train images | seeds | test accuracy, mean ± std | ECE (before) | median wall s per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | train.mode | fraction | recipe | train images | seeds | test accuracy, mean ± std | ECE (before) | median wall s per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (model, mode, fraction), row in summary.iterrows():
+    for (model, mode, fraction, recipe), row in summary.iterrows():
         ece = "-" if pd.isna(row.ece) else f"{row.ece:.3f} ({row.ece_at_1:.3f})"
         spread = "" if pd.isna(row.accuracy_std) else f" ± {row.accuracy_std:.3f}"  # one seed: no spread
         lines.append(
-            f"| {model} | {mode} | {fraction} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f}{spread} | {ece} | {row.wall_seconds_median:.0f} |"
+            f"| {model} | {mode} | {fraction} | {recipe} | {int(row.train_images):,} | {int(row.seeds)} | {row.accuracy_mean:.3f}{spread} | {ece} | {row.wall_seconds_median:.0f} |"
         )
     best = summary["accuracy_mean"].groupby(level="fraction").idxmax()
-    lines += ["", "Best per share: " + "; ".join(f"{fraction}: {model} {mode} ({summary.loc[(model, mode, fraction), 'accuracy_mean']:.3f})" for fraction, (model, mode, _) in best.items()) + "."]
-    lines += ["", "Every run (95% Wilson interval of each accuracy):", "", "| model | train.mode | fraction | seed | test accuracy (95% CI) | wall s | stages run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Best per share: " + "; ".join(f"{fraction}: {model} {mode}, {recipe} ({summary.loc[key, 'accuracy_mean']:.3f})" for fraction, key in best.items() for model, mode, _, recipe in [key]) + "."]
+    lines += ["", "Every run (95% Wilson interval of each accuracy; the kept epoch and the temperature applied, where recorded):", "",
+              "| model | train.mode | fraction | recipe | seed | test accuracy (95% CI) | kept epoch | T | wall s | stages run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs.itertuples():
-        lines.append(f"| {run.model} | {run.mode} | {run.fraction} | {run.seed} | {run.accuracy:.4f} ({run.ci95_low:.3f}-{run.ci95_high:.3f}) | {run.wall_seconds:.0f} | {run.stages_run} |")
+        kept = "-" if pd.isna(run.kept_epoch) else f"{int(run.kept_epoch)}"
+        temperature = "-" if pd.isna(run.temperature) else f"{run.temperature:.3f}"
+        lines.append(f"| {run.model} | {run.mode} | {run.fraction} | {run.recipe} | {run.seed} | {run.accuracy:.4f} ({run.ci95_low:.3f}-{run.ci95_high:.3f}) | {kept} | {temperature} | {run.wall_seconds:.0f} | {run.stages_run} |")
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -327,7 +327,8 @@ def train_head(params: Params, train: TensorSplit, val_split: TensorSplit, phase
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         head.train()
-        flip = torch.rand(n, generator=generator) < 0.5 if params.train.augment == "flip" else torch.zeros(n, dtype=torch.bool)
+        # the cached features hold each image and its mirror: flips, also under head-then-full's stronger train.augment
+        flip = torch.rand(n, generator=generator) < 0.5 if params.train.augment != "none" else torch.zeros(n, dtype=torch.bool)
         features = torch.where(flip[:, None], data["flipped"], data["features"])
         losses = []
         for batch in torch.randperm(n, generator=generator).split(batch_size):
