@@ -14,7 +14,7 @@ model=$1; shift
 modes=("$@")
 common=(-S "model.name=$model" -S "data.source=$archive" -S data.test_fraction=1.0)
 for assignment in ${EXTRA:-}; do common+=(-S "$assignment"); done
-recipe=${EXTRA:-defaults}
+recipe_name=${EXTRA:-defaults}
 # lr and epochs: each mode's `auto` recipe; full mode at 128 px (4x faster on a CPU), the others at the model's own size
 declare -A recipe=(
   [head]="-S train.mode=head -S model.image_size=null -S train.lr=auto -S train.epochs=auto"
@@ -35,7 +35,7 @@ for mode in "${modes[@]}"; do
       dvc exp run "${common[@]}" ${recipe[$mode]} -S fraction=$fraction -S seed=$seed > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
       secs=$(python -c "print(f'{$(date +%s.%N) - $start:.1f}')")
       ran=$(grep -o "Running stage '[a-z@]*'" "$log" | cut -d"'" -f2 | paste -sd' ' -)
-      python - "$runs" "$model" "$mode" "$fraction" "$seed" "$recipe" "$secs" "$ran" <<'PY'
+      python - "$runs" "$model" "$mode" "$fraction" "$seed" "$recipe_name" "$secs" "$ran" <<'PY'
 import json, sys
 from pathlib import Path
 runs, model, mode, fraction, seed, recipe, secs, ran = sys.argv[1:]
