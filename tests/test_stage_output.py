@@ -126,7 +126,7 @@ def test_the_model_is_calibrated_on_validation_and_predicts_as_before(project, m
     import torch
     from transformers import AutoModelForImageClassification
 
-    from stages.calibration import CONFIG_KEY, expected_calibration_error
+    from stages.calibration import CONFIG_KEY, MIN_NLL_GAIN, expected_calibration_error
     from stages.dataformat import load_split
     from stages.modeling import PixelTransform
     from stages.params import load_params
@@ -152,7 +152,13 @@ def test_the_model_is_calibrated_on_validation_and_predicts_as_before(project, m
     assert [test.classes[i] for i in unscaled.argmax(-1).tolist()] == list(predicted)
     ece = expected_calibration_error(unscaled.softmax(-1).numpy(), test.labels.numpy())
     assert ece == pytest.approx(evaluation["ece_at_temperature_1"], abs=1e-4)
-    assert not np.isclose(evaluation["ece"], evaluation["ece_at_temperature_1"])  # the temperature did something
+    finetuned = json.loads((project / "metrics/finetune.json").read_text())
+    if temperature == 1.0:  # the gate kept T = 1: the fitted one did not lower the validation NLL enough
+        assert finetuned["val_nll_fitted"] > finetuned["val_nll"] * (1 - MIN_NLL_GAIN) and finetuned["fitted_temperature"] != 1.0
+        assert evaluation["ece"] == pytest.approx(evaluation["ece_at_temperature_1"], abs=1e-9)
+    else:
+        assert finetuned["val_nll_fitted"] <= finetuned["val_nll"] * (1 - MIN_NLL_GAIN)
+        assert not np.isclose(evaluation["ece"], evaluation["ece_at_temperature_1"])  # the temperature did something
 
 
 @pytest.mark.parametrize("module", ["stages.download", "stages.preprocess", "stages.predict", "stages.export", "stages.pyfuncmodel", "stages.tracking"])
