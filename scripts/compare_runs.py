@@ -79,16 +79,16 @@ def screenshot_comparison(url: str, experiment_id: str, run_ids: list[str], out:
         try:
             page = browser.new_page(viewport={"width": 1200 + 200 * len(run_ids), "height": 2400})
             page.goto(page_url)
-            shown(page, "kept_val_loss").wait_for(timeout=60_000)
+            shown(page, "data.classes").wait_for(timeout=60_000)
             page.get_by_text("Artifacts", exact=True).first.click()  # folded, so that the rest fits one screen
             page.get_by_text("Scatter Plot", exact=True).first.click()
             for axis, name in (("x", "fraction"), ("y", "test_accuracy")):
                 page.locator(f"#{axis}-axis-selector").click()
                 page.get_by_role("option", name=name, exact=True).click()
-            page.get_by_text("Show diff only", exact=True).first.click()  # hides what every run shares
             # The metrics table renders only the rows in its 300 px window, names and values in two grids:
             # scroll both, a row at a time, until the accuracy's row is inside the window.
-            box = shown(page, "kept_val_loss").locator("xpath=ancestor::div[contains(@class, 'collapse-content-box')]")
+            # anchored on the first metric by name, which the 300 px window renders; every row shows (no "Show diff only": it hides the anchor)
+            box = shown(page, "data.classes").locator("xpath=ancestor::div[contains(@class, 'collapse-content-box')]")
             grids = box.locator(".ReactVirtualized__Grid").element_handles()
             for _ in range(100):
                 if page.evaluate(ROW_IN_VIEW, [grids[0], "test_accuracy"]):
