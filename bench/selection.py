@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.nn import functional as F
 from transformers import set_seed
 
 from bench.common import RESULTS, cifar_work_dir, machine, project_params, run_stage
-from stages.calibration import MIN_NLL_GAIN, calibration, fit_temperature
+from stages.calibration import MIN_NLL_GAIN, calibration, choose_temperature
 from stages.dataformat import features_path, load_features, load_split, processed_path
 from stages.finetune import kept_row, train_head
 from stages.modeling import classifier_head
@@ -52,12 +51,12 @@ def scored(head: torch.nn.Module, val: dict, test: dict) -> dict:
     test calibration at T = 1 and at it."""
     with torch.no_grad():
         val_logits, test_logits = head(val["features"]).double(), head(test["features"]).double()
-    fitted = fit_temperature(val_logits, val["labels"])
-    val_nll = [float(F.cross_entropy(val_logits / t, val["labels"])) for t in (1.0, fitted)]
+    choice = choose_temperature(val_logits, val["labels"])  # finetune's own fit, before its gate decides
+    fitted = choice.fitted_temperature
     at_1, at_fitted = (calibration((test_logits / t).softmax(-1).numpy(), test["labels"].numpy()) for t in (1.0, fitted))
     return {
         "test_accuracy": float((test_logits.argmax(-1) == test["labels"]).double().mean()),
-        "fitted_temperature": fitted, "val_nll_gain": 1 - val_nll[1] / val_nll[0],
+        "fitted_temperature": fitted, "val_nll_gain": 1 - choice.val_nll_fitted / choice.val_nll,
         "test_ece_at_1": at_1.ece, "test_ece_fitted": at_fitted.ece, "test_nll_at_1": at_1.nll, "test_nll_fitted": at_fitted.nll,
     }
 
