@@ -27,7 +27,7 @@ from stages.calibration import MIN_NLL_GAIN, calibration, choose_temperature
 from stages.dataformat import features_path, load_features, load_split, processed_path
 from stages.finetune import kept_row, train_head
 from stages.modeling import classifier_head
-from stages.params import KEEP_EPOCH, load_params
+from stages.params import KEEP_EPOCH_RULES, load_params
 
 FRACTIONS, SEEDS = (0.01, 0.02, 0.05, 0.1), (42, 43, 44)
 
@@ -75,7 +75,7 @@ def runs(fractions: list[float], seeds: list[int]) -> pd.DataFrame:
             typed = load_params()
             train, val_split = load_split("train"), load_split("val")
             val, test = load_features("val", val_split.labels), load_features("test", load_split("test").labels)
-            for rule in KEEP_EPOCH:
+            for rule in KEEP_EPOCH_RULES:
                 set_seed(seed)  # as finetune does: the same initial head and draws for every rule
                 trained = train_head(dataclasses.replace(typed, train=dataclasses.replace(typed.train, keep_epoch=rule)), train, val_split)
                 kept = trained.epochs.loc[kept_row(trained.epochs, rule)]
@@ -94,11 +94,11 @@ def report(table: pd.DataFrame) -> list[str]:
         "# Keeping an epoch and a temperature on small validation splits (head mode, EfficientNet-Lite0, 224 px)",
         "", f"Machine: {machine()}. `python -m bench.selection`; every run in `selection_runs.csv`. Test: all 10,000 CIFAR-10 test images.",
         "", "## train.keep_epoch: test accuracy of the kept epoch, mean ± std over seeds (mean kept epoch of 30)", "",
-        "| fraction | validation images | seeds | " + " | ".join(KEEP_EPOCH) + " |", "| --- | --- | --- |" + " --- |" * len(KEEP_EPOCH),
+        "| fraction | validation images | seeds | " + " | ".join(KEEP_EPOCH_RULES) + " |", "| --- | --- | --- |" + " --- |" * len(KEEP_EPOCH_RULES),
     ]
     for fraction, runs_at in table.groupby("fraction"):
         cells = []
-        for rule in KEEP_EPOCH:
+        for rule in KEEP_EPOCH_RULES:
             r = runs_at[runs_at["rule"] == rule]
             std = f" ± {r['test_accuracy'].std():.3f}" if len(r) > 1 else ""
             cells.append(f"{r['test_accuracy'].mean():.4f}{std} ({r['kept_epoch'].mean():.1f})")

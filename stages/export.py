@@ -74,7 +74,7 @@ def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> 
 - **Data:** `{params.data.source}` ({data_digest}); a stratified share `fraction` = {params.fraction} of its train split
   (seed {params.seed}): {trained["train_images"]} training and {trained["val_images"]} validation images.
 - **Recipe:** `train.mode` = {params.train.mode}, {epochs}, lr {trained["lr"]}, batch {params.train.batch_size},
-  {trained["precision"]} on {trained["device"]}; epoch {trained["kept_epoch"]} kept by `train.keep_epoch` = {params.train.keep_epoch} (validation accuracy {trained["kept_val_accuracy"]:.4f}, NLL {trained["kept_val_loss"]:.4f});
+  {trained["precision"]} on {trained["device"]}; epoch {trained["kept_epoch"]} kept by `train.keep_epoch` = {params.train.keep_epoch}{"" if params.train.keep_epoch == trained["keep_epoch"] else ": " + trained["keep_epoch"]} (validation accuracy {trained["kept_val_accuracy"]:.4f}, NLL {trained["kept_val_loss"]:.4f});
   augmentation {params.train.augment}, label smoothing {params.train.label_smoothing}, mixup {params.train.mixup}.
 - **Test accuracy:** {evaluated["accuracy"]:.4f} (95% interval {evaluated["accuracy_ci95_low"]:.4f}-{evaluated["accuracy_ci95_high"]:.4f})
   on {evaluated["test_images"]} test images; macro F1 {evaluated["macro_f1"]:.4f}.

@@ -63,7 +63,8 @@ class ModelParams:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 MODES = ("full", "head", "head-then-full")
-KEEP_EPOCH = ("val_loss", "last", "val_accuracy")
+KEEP_EPOCH_RULES = ("val_loss", "last", "val_accuracy")  # stages/finetune.py: kept_row
+KEEP_EPOCH = ("auto", *KEEP_EPOCH_RULES)  # auto: by the size of the validation split (finetune.keep_rule)
 AUGMENTS = ("none", "flip", "trivialaugment", "randaugment")  # stages/regularisation.py
 HEAD_AUGMENTS = ("none", "flip")  # what cached features can stand for: each image and its mirror image
 
@@ -82,7 +83,7 @@ class TrainParams:
     head_epochs: Int = allowed("an integer >= 1 or auto", ge=1)  # head-then-full: the head phase's
     weight_decay: Number = allowed("a number >= 0", ge=0)
     warmup_ratio: Number = allowed("a number in [0, 1)", ge=0, lt=1)  # share of the steps spent warming the learning rate up
-    keep_epoch: Text = one_of(KEEP_EPOCH)  # which epoch's model is kept: lowest validation NLL, the last, or highest validation accuracy
+    keep_epoch: Text = one_of(KEEP_EPOCH)  # which epoch's model is kept: auto, lowest validation NLL, the last, or highest validation accuracy
     augment: Text = one_of(AUGMENTS)  # of training images; head mode: none or flip
     label_smoothing: Number = allowed("a number in [0, 1)", ge=0, lt=1)  # of the training loss's targets
     mixup: Number = allowed("a number >= 0 (0: off)", ge=0)  # alpha of the Beta(alpha, alpha) mixing weight; 0: off

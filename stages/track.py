@@ -38,7 +38,7 @@ from stages.errors import STAGE_COSTS_DIR, run_stage
 from stages.params import Params, flatten, load_params
 
 METRICS = Path("metrics")
-RESOLVED = ("lr", "epochs", "head_lr", "head_epochs")  # finetune.json's train.* values resolved from `auto`
+RESOLVED = ("lr", "epochs", "head_lr", "head_epochs", "keep_epoch")  # finetune.json's train.* values resolved from `auto`
 MODEL_ALIAS = "candidate"  # the newest version that passed export's sanity bar
 ARTIFACTS = ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "reliability.png", "eval_per_class.csv")
 

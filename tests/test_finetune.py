@@ -363,16 +363,25 @@ def validation_nll(project: Path) -> float:
     return float(F.cross_entropy(logits.double(), val.labels.long()))
 
 
+def test_keep_epoch_auto_is_last_below_SMALL_VALIDATION_images_and_val_loss_from_there():
+    from stages.params import KEEP_EPOCH_RULES
+
+    assert finetune.keep_rule("auto", finetune.SMALL_VALIDATION - 1) == "last"
+    assert finetune.keep_rule("auto", finetune.SMALL_VALIDATION) == "val_loss"
+    assert all(finetune.keep_rule(rule, 10) == rule == finetune.keep_rule(rule, 10_000) for rule in KEEP_EPOCH_RULES)
+
+
 def test_the_saved_model_is_the_epoch_train_keep_epoch_names(processed, tmp_path, monkeypatch):
     kept = {}
-    for rule in ("val_loss", "last", "val_accuracy"):
+    for rule in ("val_loss", "last", "val_accuracy", "auto"):
         finetuned(processed, tmp_path / rule, monkeypatch, train__mode="head", train__lr=3e-2, train__epochs=6, train__keep_epoch=rule)
         epochs, summary = pd.read_csv(finetune.EPOCHS_FILE), json.loads(finetune.METRICS_FILE.read_text())
-        row = {"val_loss": epochs["val_loss"].idxmin(), "last": len(epochs) - 1, "val_accuracy": epochs["val_accuracy"].idxmax()}[rule]
+        resolved = "last" if rule == "auto" else rule  # this split's few validation images
+        row = {"val_loss": epochs["val_loss"].idxmin(), "last": len(epochs) - 1, "val_accuracy": epochs["val_accuracy"].idxmax()}[resolved]
         kept[rule] = summary["kept_epoch"]
-        assert kept[rule] == epochs["epoch"][row] and summary["kept_val_loss"] == epochs["val_loss"][row]
+        assert summary["keep_epoch"] == resolved and kept[rule] == epochs["epoch"][row] and summary["kept_val_loss"] == epochs["val_loss"][row]
         assert validation_nll(tmp_path / rule) == pytest.approx(epochs["val_loss"][row], rel=1e-4)  # that epoch's weights
-    assert kept["last"] == 6 and len(set(kept.values())) >= 2  # the rules chose apart on this run
+    assert kept["last"] == kept["auto"] == 6 and len(set(kept.values())) >= 2  # the rules chose apart on this run
 
 
 def test_full_training_regularises_its_loss_and_still_selects_on_the_plain_validation_nll(processed, tmp_path, monkeypatch):
@@ -386,7 +395,7 @@ def test_full_training_regularises_its_loss_and_still_selects_on_the_plain_valid
     monkeypatch.setattr(finetune, "TrainingLoss", Counted)
     project = finetuned(
         processed, tmp_path / "project", monkeypatch, train__mode="full", train__epochs=2, train__lr=1e-3,
-        train__augment="trivialaugment", train__label_smoothing=0.3, train__mixup=0.4,
+        train__augment="trivialaugment", train__label_smoothing=0.3, train__mixup=0.4, train__keep_epoch="val_loss",
     )
     # every training step, and only those: 27 training images in batches of 8, for 2 epochs
     assert calls == [(0.3, 0.4, n) for n in (8, 8, 8, 3) * 2]

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # real dvc runs: `make test`, not `make test-fast
 PARAMS = {
     "fraction": 1.0, "data__test_fraction": 1.0, "train__mode": "full", "train__epochs": 4, "train__batch_size": 8, "train__lr": 1e-3,
     "train__precision": "fp32", "export__check_images": 18,
+    "train__keep_epoch": "val_loss",  # the best checkpoint, not the last, is what must survive the kills
 }
 RESULTS = ("metrics/finetune.json", "metrics/finetune_epochs.csv", "metrics/eval.json")  # not the *_speed.json timings
 

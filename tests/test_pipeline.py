@@ -211,7 +211,9 @@ def test_tiny_vit_pipeline_tracked_on_a_server(cifar_archive, tiny_vit, dvc_cach
         finetune = read_json(repo / "metrics/finetune.json")
         assert (finetune["train_images"], finetune["val_images"]) == (450, 50)
         epochs = pd.read_csv(repo / "metrics/finetune_epochs.csv")
-        assert list(epochs["epoch"]) == [1, 2] and epochs["val_loss"].min() == finetune["kept_val_loss"]
+        # train.keep_epoch auto on 50 validation images: the last epoch
+        assert list(epochs["epoch"]) == [1, 2] and finetune["keep_epoch"] == "last" and finetune["kept_epoch"] == 2
+        assert finetune["kept_val_loss"] == epochs["val_loss"].iloc[-1]
         per_class = pd.read_csv(repo / "metrics/eval_per_class.csv")
         assert len(per_class) == 10 and per_class["support"].sum() == 200
         assert (repo / "metrics/confusion_matrix.png").stat().st_size > 10_000
