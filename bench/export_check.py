@@ -72,7 +72,7 @@ def evaluated_project(root: Path, source: Path, model: str, image_size: int | No
         finetuned, processor = load_pretrained(model, read_classes(), image_size)
         save_model(finetuned, processor, FINETUNED_DIR, load_split("test").pixels.shape[-2:])
         # What finetune would have recorded for a model it did not train (the export's model card reads it).
-        untrained = {"kept_epoch": 0, "kept_val_accuracy": 0.0, "kept_val_loss": 0.0, "train_images": 0, "val_images": 0, "temperature": 1.0, "epochs": 0, "lr": 0.0}
+        untrained = {"kept_epoch": 0, "kept_val_accuracy": 0.0, "kept_val_loss": 0.0, "train_images": 0, "val_images": 0, "temperature": 1.0, "epochs": 0, "lr": 0.0, "keep_epoch": "last"}
         FINETUNE_FILE.parent.mkdir(exist_ok=True)
         FINETUNE_FILE.write_text(json.dumps(untrained | {"device": "cpu", "precision": "fp32", "base_model_revision": None}))
         evaluate.main()
