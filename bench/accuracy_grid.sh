@@ -3,7 +3,8 @@
 # repo holding this project, on all 10,000 CIFAR-10 test images, for the given embedded model and
 # train modes, fraction 0.01 and 0.05, three seeds each. One row per run goes to
 # bench/results/accuracy_runs.csv as it finishes, replacing an earlier row of the same model, mode,
-# fraction and seed; bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
+# fraction, seed and recipe, with what the validation split saw (the kept epoch's accuracy and NLL, the
+# fitted temperature); bench/accuracy_table.py then summarises them (mean ± std) in accuracy.md.
 # Usage: bash bench/accuracy_grid.sh MODEL MODE...   e.g. efficientnet-lite0 head full head-then-full
 #        (hours on 2 CPU cores; FRACTIONS="0.01" SEEDS="42" narrow it; BENCH_REPO=DIR keeps the
 #        repo and its experiments for scripts/data_efficiency.py, see bench/fresh_repo.sh;
@@ -38,15 +39,23 @@ for mode in "${modes[@]}"; do
       python - "$runs" "$model" "$mode" "$fraction" "$seed" "$recipe_name" "$secs" "$ran" <<'PY'
 import json, sys
 from pathlib import Path
+import pandas as pd
 runs, model, mode, fraction, seed, recipe, secs, ran = sys.argv[1:]
-header = "model,mode,fraction,seed,recipe,accuracy,ci95_low,ci95_high,test_images,train_images,ece,ece_at_temperature_1,kept_epoch,temperature,wall_seconds,stages_run"
 e, f = json.load(open("metrics/eval.json")), json.load(open("metrics/finetune.json"))
-row = (f"{model},{mode},{fraction},{seed},{recipe},{e['accuracy']:.4f},{e['accuracy_ci95_low']:.4f},{e['accuracy_ci95_high']:.4f},{e['test_images']},"
-       f"{f['train_images']},{e['ece']:.4f},{e['ece_at_temperature_1']:.4f},{f['kept_epoch']},{f['temperature']:.3f},{secs},{ran}")
-path = Path(runs)
-kept = [r for r in (path.read_text().splitlines()[1:] if path.exists() else []) if r.split(",")[:5] != row.split(",")[:5]]
-path.write_text("\n".join([header, *kept, row]) + "\n")
-print(row)
+row = {
+    "model": model, "mode": mode, "fraction": float(fraction), "seed": int(seed), "recipe": recipe,
+    "accuracy": round(e["accuracy"], 4), "ci95_low": round(e["accuracy_ci95_low"], 4), "ci95_high": round(e["accuracy_ci95_high"], 4),
+    "test_images": e["test_images"], "train_images": f["train_images"], "ece": round(e["ece"], 4), "ece_at_temperature_1": round(e["ece_at_temperature_1"], 4),
+    "kept_epoch": f["kept_epoch"], "temperature": round(f["temperature"], 3), "wall_seconds": float(secs), "stages_run": ran,
+    # what the validation split saw: the kept epoch's accuracy and NLL, the fitted temperature and the NLL at 1 and at it
+    "kept_by": f.get("keep_epoch", ""), "val_images": f["val_images"], "kept_val_accuracy": round(f["kept_val_accuracy"], 4),
+    "kept_val_loss": round(f["kept_val_loss"], 4), **{k: round(f[k], 4) for k in ("fitted_temperature", "val_nll", "val_nll_fitted") if k in f},
+}
+path, key = Path(runs), ["model", "mode", "fraction", "seed", "recipe"]
+old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(row))
+old = old[~(old[key] == pd.Series({k: row[k] for k in key})).all(axis=1)]
+pd.concat([old, pd.DataFrame([row])], ignore_index=True).astype({"kept_epoch": "Int64", "val_images": "Int64"}).to_csv(path, index=False)
+print(",".join(str(v) for v in row.values()))
 PY
     done
   done
