@@ -180,8 +180,9 @@ def test_the_full_phase_starts_from_the_trained_head_weight_for_weight(processed
 
     def spy(*args, **kwargs):  # records the model the full phase starts from and the one it returns
         started_from.append({k: v.clone() for k, v in kwargs["start"].model.state_dict().items()})
-        trained.append(real_train_full(*args, **kwargs))
-        return trained[-1]
+        result = real_train_full(*args, **kwargs)
+        trained.append({k: v.clone() for k, v in result.model.state_dict().items()})  # before calibration folds T into it
+        return result
 
     monkeypatch.setattr(finetune, "train_full", spy)
     # the full phase's step is too small to move any weight: it must end where it started
@@ -194,7 +195,7 @@ def test_the_full_phase_starts_from_the_trained_head_weight_for_weight(processed
     torch.testing.assert_close(start["classifier.weight"], head.classifier.weight * temperature)
     torch.testing.assert_close(start["classifier.bias"], head.classifier.bias * temperature)
     assert all(torch.equal(start[k], pretrained[k]) for k in start if not k.startswith("classifier."))
-    ended = trained[0].model.state_dict()
+    ended = trained[0]
     assert all(torch.allclose(ended[k], start[k], atol=1e-6) for k in start)  # the Trainer trained that very model
     epochs = pd.read_csv(finetune.EPOCHS_FILE)
     assert list(epochs["epoch"]) == [0, 1] and epochs["val_accuracy"][0] == head_best  # epoch 0: the trained head
