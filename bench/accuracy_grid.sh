@@ -48,7 +48,7 @@ row = {
     "test_images": e["test_images"], "train_images": f["train_images"], "ece": round(e["ece"], 4), "ece_at_temperature_1": round(e["ece_at_temperature_1"], 4),
     "kept_epoch": f["kept_epoch"], "temperature": round(f["temperature"], 3), "wall_seconds": float(secs), "stages_run": ran,
     # what the validation split saw: the kept epoch's accuracy and NLL, the fitted temperature and the NLL at 1 and at it
-    "kept_by": f.get("keep_epoch", ""), "val_images": f["val_images"], "kept_val_accuracy": round(f["kept_val_accuracy"], 4),
+    "kept_by": f["keep_epoch"], "val_images": f["val_images"], "kept_val_accuracy": round(f["kept_val_accuracy"], 4),
     "kept_val_loss": round(f["kept_val_loss"], 4), **{k: round(f[k], 4) for k in ("fitted_temperature", "val_nll", "val_nll_fitted") if k in f},
 }
 path, key = Path(runs), ["model", "mode", "fraction", "seed", "recipe"]

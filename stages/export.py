@@ -65,6 +65,7 @@ def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> 
     data_digest = f"sha256 {source['sha256']}" if source.get("sha256") else f"Hub revision {source['revision']}" if source.get("revision") else "no digest recorded"
     meta = {"base_model": params.model.name, "pipeline_tag": "image-classification", "library_name": "transformers", "tags": ["onnx", "dvc"]}
     meta["model-index"] = [{"name": EXPORT_DIR.name, "results": [{"task": {"type": "image-classification"}, "metrics": [{"type": "accuracy", "value": evaluated["accuracy"]}]}]}]
+    kept_by = params.train.keep_epoch + ("" if params.train.keep_epoch == trained["keep_epoch"] else f": {trained['keep_epoch']}")  # auto: the rule it stood for
     epochs = f"{trained['epochs']} epochs" + (f" after a head phase of {trained['head_epochs']} at lr {trained['head_lr']}" if "head_epochs" in trained else "")
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False)}---
@@ -74,7 +75,7 @@ def model_card(params: Params, check: dict, evaluated: dict, n_classes: int) -> 
 - **Data:** `{params.data.source}` ({data_digest}); a stratified share `fraction` = {params.fraction} of its train split
   (seed {params.seed}): {trained["train_images"]} training and {trained["val_images"]} validation images.
 - **Recipe:** `train.mode` = {params.train.mode}, {epochs}, lr {trained["lr"]}, batch {params.train.batch_size},
-  {trained["precision"]} on {trained["device"]}; epoch {trained["kept_epoch"]} kept by `train.keep_epoch` = {params.train.keep_epoch}{"" if params.train.keep_epoch == trained["keep_epoch"] else ": " + trained["keep_epoch"]} (validation accuracy {trained["kept_val_accuracy"]:.4f}, NLL {trained["kept_val_loss"]:.4f});
+  {trained["precision"]} on {trained["device"]}; epoch {trained["kept_epoch"]} kept by `train.keep_epoch` = {kept_by} (validation accuracy {trained["kept_val_accuracy"]:.4f}, NLL {trained["kept_val_loss"]:.4f});
   augmentation {params.train.augment}, label smoothing {params.train.label_smoothing}, mixup {params.train.mixup}.
 - **Test accuracy:** {evaluated["accuracy"]:.4f} (95% interval {evaluated["accuracy_ci95_low"]:.4f}-{evaluated["accuracy_ci95_high"]:.4f})
   on {evaluated["test_images"]} test images; macro F1 {evaluated["macro_f1"]:.4f}.
