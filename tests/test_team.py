@@ -201,6 +201,8 @@ def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny
                 for lr in (1e-3, 3e-2)
             }
             clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+            # Both executions start before either is waited on. Whether their MLflow runs (the track stage
+            # only) overlap in time is up to the scheduler, so it is not asserted.
             started = {
                 lr: subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for lr, repo in repos.items()
@@ -212,8 +214,6 @@ def test_two_clones_at_once_on_the_team_server_land_as_two_runs(small_tree, tiny
             runs = {float(as_dict(r["data"]["params"])["train.lr"]): r for r in rest.runs()}
             assert runs.keys() == repos.keys()
             repos_by_run = {runs[lr]["info"]["run_id"]: repo for lr, repo in repos.items()}
-            (first, second) = (runs[lr]["info"] for lr in repos)
-            assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]  # they ran at once
             store = s3_client(server.s3_endpoint)
             stored = [o["Key"] for o in store.list_objects_v2(Bucket=SERVER_BUCKET)["Contents"]]
             for lr, repo in repos.items():
